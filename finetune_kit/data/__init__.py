@@ -1,0 +1,1 @@
+"""Dataset registry, formats, chat templates and tokenization."""

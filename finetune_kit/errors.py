@@ -1,0 +1,86 @@
+"""The one exception tree of finetune_kit.
+
+Every error subclasses :class:`FinetuneKitError` *and* the builtin it refines, so
+``except ValueError`` or ``except FileNotFoundError`` in user code keeps working.
+Messages say what was wrong, the value received, and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class FinetuneKitError(Exception):
+    """Base class of every error raised by finetune_kit."""
+
+
+class ConfigError(FinetuneKitError, ValueError):
+    """A configuration value (Python argument, YAML key or CLI flag) is invalid.
+
+    Holds *all* the problems found at once in :attr:`problems`.
+    """
+
+    def __init__(self, problems: str | Iterable[str], *, header: str = "Invalid configuration") -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = f"{header}: {self.problems[0]}"
+        else:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            message = f"{header} ({len(self.problems)} problems):\n{lines}"
+        super().__init__(message)
+
+
+class UnknownKeysError(ConfigError):
+    """Keys that finetune_kit does not know, or knows but does not support yet."""
+
+
+class EnvironmentCheckError(FinetuneKitError, RuntimeError):
+    """The machine lacks something the requested run needs (a GPU, bf16, a package)."""
+
+
+class MissingDependencyError(EnvironmentCheckError, ImportError):
+    """An optional package is not installed; the message names the pip command."""
+
+    def __init__(self, package: str, *, purpose: str, extra: str | None = None) -> None:
+        fix = f'pip install "finetune-kit[{extra}]"' if extra else f"pip install {package}"
+        super().__init__(f"{purpose} needs the package '{package}', which is not installed. Fix: {fix}")
+        self.package = package
+
+
+class ModelNotFoundError(FinetuneKitError, FileNotFoundError):
+    """A model id or path could not be resolved locally or from its hub."""
+
+
+class DatasetError(FinetuneKitError, ValueError):
+    """A dataset file, its dataset_info.json entry, or one of its rows is malformed."""
+
+
+class DatasetRowError(DatasetError):
+    """One row of a dataset file is malformed.
+
+    Carries the file, the 0-based row index and the field so tools can point at it.
+    """
+
+    def __init__(self, *, file: str, row: int, field: str, problem: str, fix: str) -> None:
+        self.file, self.row, self.field = file, row, field
+        super().__init__(f"{file}, row {row}, field '{field}': {problem}. Fix: {fix}")
+
+
+class OutputExistsError(FinetuneKitError, FileExistsError):
+    """Refusing to overwrite something the user already has."""
+
+
+class TemplateError(FinetuneKitError, ValueError):
+    """A chat template is unknown or cannot encode the given conversation."""
+
+
+class FinetuneKitWarning(UserWarning):
+    """Warnings emitted by finetune_kit (the test-suite turns them into errors)."""
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """Return a ``" Did you mean 'x'?"`` suffix for the closest choice, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""

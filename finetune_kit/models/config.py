@@ -1,0 +1,43 @@
+"""How to load a model: LLaMA-Factory's model arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from finetune_kit.config.base import StageConfig, option
+
+
+@dataclass(frozen=True)
+class ModelConfig(StageConfig):
+    """Where the weights come from and how to load them (LLaMA-Factory key names)."""
+
+    section = "model"
+
+    model_name_or_path: str | None = option(
+        None,
+        "A local directory, a .gguf file, a Hugging Face id (org/name), 'modelscope:org/name', "
+        "or 'bundled:smollm2-135m-instruct' (offline default).",
+    )
+    adapter_name_or_path: tuple[str, ...] | None = option(
+        None, "LoRA adapter directories, comma separated; all are applied in order."
+    )
+    template: str | None = option(
+        None, "Chat template name (chatml, qwen, llama3, smollm2, ...); none means the tokenizer's own."
+    )
+    default_system: str | None = option(None, "System prompt used when a conversation has none.")
+    trust_remote_code: bool = option(False, "Allow model code from the hub (passed to transformers).")
+    infer_dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
+        "auto", "Weights dtype: auto keeps float32 on CPU and uses bf16 (or fp16) on a GPU."
+    )
+    model_revision: str = option("main", "Hub revision (branch, tag or commit).")
+    cache_dir: str | None = option(None, "Where hub downloads are cached.")
+    hf_hub_token: str | None = option(None, "Hugging Face token for gated models.")
+    use_modelscope: bool = option(False, "Resolve hub ids on ModelScope (like USE_MODELSCOPE_HUB=1).")
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "eager"] = option(
+        "auto", "Attention kernel: auto (SDPA), sdpa, eager/disabled, or fa2 (needs flash-attn)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "Where to place the model for inference.")
+
+    def _check(self) -> list[str]:
+        return []
