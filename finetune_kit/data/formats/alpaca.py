@@ -1,0 +1,47 @@
+"""alpaca rows: instruction / input / output, optional system and history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_kit.data.formats.common import ensure_row_object, text_field
+from finetune_kit.errors import DatasetRowError
+
+
+def to_messages(row: Any, spec: Any, where: tuple[str, int]) -> list[dict[str, str]]:
+    """Turn one alpaca row into chat messages.
+
+    The user turn is ``instruction`` and ``input`` joined by a newline (LLaMA-Factory's rule);
+    ``history`` pairs come first and their replies are trained too.
+    """
+    row = ensure_row_object(row, where)
+    cols = spec.column
+    instruction = text_field(row, cols("prompt"), where, required=False, key="prompt")
+    query = text_field(row, cols("query"), where, required=False, key="query")
+    prompt = "\n".join(part for part in (instruction, query) if part)
+    if not prompt.strip():
+        raise DatasetRowError(file=where[0], row=where[1], field=cols("prompt"),
+                              problem=f"both '{cols('prompt')}' and '{cols('query')}' are empty",
+                              fix="give the row an instruction, or remove it")
+    response = text_field(row, cols("response"), where, required=True, key="response")
+    messages: list[dict[str, str]] = []
+    system_col = spec.columns.get("system")
+    if system_col:
+        system = text_field(row, system_col, where, required=False, key="system")
+        if system:
+            messages.append({"role": "system", "content": system})
+    history_col = spec.columns.get("history")
+    if history_col and row.get(history_col):
+        history = row[history_col]
+        if not isinstance(history, list):
+            raise DatasetRowError(file=where[0], row=where[1], field=history_col,
+                                  problem=f"expected a list of [prompt, response] pairs, got {type(history).__name__}",
+                                  fix='write it as [["question", "answer"], ...]')
+        for turn, pair in enumerate(history):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise DatasetRowError(file=where[0], row=where[1], field=f"{history_col}[{turn}]",
+                                      problem=f"expected a [prompt, response] pair of strings, got {str(pair)[:60]!r}",
+                                      fix='write each history item as ["question", "answer"]')
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return messages
