@@ -1,0 +1,76 @@
+"""How to serve: LLaMA-Factory's API settings (``API_HOST``, ``API_PORT``, ``API_KEY``, ...)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_kit.config.base import StageConfig
+
+
+def _env_option(env: str, fallback: Any, help: str) -> Any:
+    """A field whose default is read from ``env`` when a config is built (not at import)."""
+    factory: Callable[[], Any] = lambda: os.environ.get(env, fallback)  # noqa: E731
+    return dataclasses.field(default_factory=factory, metadata={"help": f"{help} (env {env})", "env": env})
+
+
+@dataclass(frozen=True)
+class ServeConfig(StageConfig):
+    """Where and how the OpenAI-compatible server listens.
+
+    Every field defaults to its LLaMA-Factory environment variable, read when the config is
+    built, so ``API_PORT=8001 python app.py`` works as with ``llamafactory-cli api``.
+    Example::
+
+        config = ServeConfig(api_host="127.0.0.1", api_port=8001, api_key="sk-local")
+    """
+
+    section = "api"
+
+    api_host: str = _env_option("API_HOST", "0.0.0.0", "Interface to listen on; 0.0.0.0 means every interface.")
+    api_port: int = _env_option("API_PORT", 8000, "TCP port; 0 picks a free one.")
+    api_key: str | None = _env_option(
+        "API_KEY", None, "When set, every /v1 route needs 'Authorization: Bearer <key>'."
+    )
+    api_model_name: str | None = _env_option(
+        "API_MODEL_NAME", None, "Model id shown by /v1/models; none derives it from the model or adapter folder."
+    )
+    max_concurrent: int = _env_option(
+        "MAX_CONCURRENT", 1, "Requests generating at once; the rest wait their turn (1 = serialized)."
+    )
+    api_verbose: bool = _env_option("API_VERBOSE", True, "Log one line per request.")
+
+    def _check(self) -> list[str]:
+        problems = []
+        if not 0 <= self.api_port <= 65535:
+            problems.append(f"api_port: got {self.api_port}; expected 0..65535 (0 picks a free port)")
+        if self.max_concurrent < 1:
+            problems.append(f"max_concurrent: got {self.max_concurrent}; expected at least 1")
+        if not self.api_host.strip():
+            problems.append("api_host: got an empty string; expected an address such as 127.0.0.1 or 0.0.0.0")
+        if self.api_model_name is not None and not self.api_model_name.strip():
+            problems.append("api_model_name: got an empty string; leave it unset to derive a name")
+        return problems
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ServeConfig:
+        """Read ``API_HOST``, ``API_PORT``, ``API_KEY``, ``API_MODEL_NAME``, ``MAX_CONCURRENT`` and
+        ``API_VERBOSE`` now; ``overrides`` (field names) win over the environment."""
+        unknown = sorted(set(overrides) - set(cls.field_names()))
+        if unknown:
+            from finetune_kit.errors import ConfigError, did_you_mean
+
+            raise ConfigError([f"unknown key '{k}' for ServeConfig.{did_you_mean(k, cls.field_names())}"
+                               for k in unknown])
+        return cls(**overrides)
+
+    def __repr__(self) -> str:
+        parts = [f"{self.api_host}:{self.api_port}"]
+        if self.api_model_name:
+            parts.append(f"api_model_name={self.api_model_name!r}")
+        parts.append("api_key=***" if self.api_key else "api_key=None")
+        parts.append(f"max_concurrent={self.max_concurrent}")
+        return f"ServeConfig({', '.join(parts)})"

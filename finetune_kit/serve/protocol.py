@@ -1,0 +1,239 @@
+"""OpenAI wire format: the chat-completion request, the response objects and the error body.
+
+Shapes follow ``openai/openai-openapi`` (``CreateChatCompletionRequest``/``Response``,
+``CreateChatCompletionStreamResponse``, ``ListModelsResponse``, ``ErrorResponse``). Request
+fields the server cannot honour are rejected with a 400 naming the field rather than
+silently dropped; ``presence_penalty``, ``frequency_penalty``, ``seed`` and ``user`` are
+accepted and ignored because common clients send them by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+from finetune_kit.errors import FinetuneKitError
+from finetune_kit.models.generation import GenerationConfig
+
+MAX_STOP = 4
+_ROLES = ("system", "developer", "user", "assistant")
+
+
+class RequestError(FinetuneKitError, ValueError):
+    """A request the server understood but cannot serve; becomes an HTTP 400 naming ``param``."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# ---------------------------------------------------------------------------------- request
+class ChatMessage(BaseModel):
+    """One message; list-of-parts content is flattened to text (only ``text`` parts exist here)."""
+
+    role: str
+    content: str | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _flatten_parts(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"content must be a string or a list of text parts; got {type(value).__name__}")
+        texts = []
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} has type {kind!r}; this server reads only "
+                                 "{'type': 'text', 'text': '...'} parts (no images or audio)")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions`` body; unknown fields are ignored like the OpenAI API does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    do_sample: bool | None = None
+    # accepted and ignored
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    user: str | None = None
+    # rejected when used (see check_supported)
+    tools: list[Any] | None = None
+    logprobs: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value) or len(value) > MAX_STOP:
+            raise ValueError(f"stop must be a string or a list of up to {MAX_STOP} strings; got {value!r}")
+        return [s for s in value if s]
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def check_supported(self) -> None:
+        """Reject valid-looking requests this server cannot honour (raise :class:`RequestError`)."""
+        if self.stream and self.n > 1:
+            raise RequestError(f"n={self.n} cannot be streamed; send stream=false for several choices",
+                               param="n")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
+        if self.tools:
+            raise RequestError("tools (function calling) are not supported by this server", param="tools")
+        if self.logprobs:
+            raise RequestError("logprobs are not supported by this server", param="logprobs")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise RequestError(f"response_format {self.response_format.get('type')!r} is not supported; "
+                               "only 'text'", param="response_format")
+
+    def conversation(self) -> list[dict[str, str]]:
+        """Messages as the chat template wants them: optional system, then user/assistant turns ending
+        with a user turn (LLaMA-Factory's rule). Raises :class:`RequestError` naming the bad message."""
+        if not self.messages:
+            raise RequestError("messages must contain at least one user message", param="messages")
+        out: list[dict[str, str]] = []
+        for i, msg in enumerate(self.messages):
+            role = "system" if msg.role == "developer" else msg.role
+            if role not in _ROLES:
+                raise RequestError(f"messages[{i}] has role {msg.role!r}; expected one of {', '.join(_ROLES)} "
+                                   "(tool and function messages are not supported)", param=f"messages[{i}].role")
+            if msg.content is None:
+                raise RequestError(f"messages[{i}] has no content", param=f"messages[{i}].content")
+            out.append({"role": role, "content": msg.content})
+        first = 1 if out[0]["role"] == "system" else 0
+        for i in range(first, len(out)):
+            expected = "user" if (i - first) % 2 == 0 else "assistant"
+            if out[i]["role"] != expected:
+                raise RequestError(
+                    f"messages[{i}] has role {self.messages[i].role!r} but {expected!r} was expected: after an "
+                    "optional first system message, roles must alternate user, assistant, user, ...",
+                    param=f"messages[{i}].role")
+        if len(out) == first or out[-1]["role"] != "user":
+            raise RequestError("the last message must have role 'user' (the server answers it)",
+                               param="messages")
+        return out
+
+    def generation(self, default: GenerationConfig) -> GenerationConfig:
+        """The server's defaults overridden by this request (LF's rule: ``do_sample`` wins,
+        temperature 0 or top_p 0 means greedy, ``max_completion_tokens`` beats ``max_tokens``)."""
+        changes: dict[str, Any] = {}
+        if self.do_sample is not None:
+            changes["do_sample"] = self.do_sample
+        if self.temperature is not None:
+            changes["temperature"] = self.temperature
+            if self.temperature == 0:
+                changes["do_sample"] = False
+        if self.top_p is not None:
+            if self.top_p == 0:
+                changes["do_sample"] = False
+            else:
+                changes["top_p"] = self.top_p
+        limit = self.max_completion_tokens or self.max_tokens
+        if limit is not None:
+            changes["max_new_tokens"] = limit
+        return default.with_(**changes) if changes else default
+
+
+# ---------------------------------------------------------------------------------- responses
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    """A stream delta; absent keys are left out (``{}`` on the last chunk), never sent as null."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _present_only(self) -> dict[str, str]:
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "finetune_kit"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
