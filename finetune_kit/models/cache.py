@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from finetune_kit._fs import atomic_dir
 
 MARKER = "finetune_kit_source.json"
 
@@ -72,16 +72,8 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": fingerprint}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -1,0 +1,1 @@
+"""Merging and exporting models."""
