@@ -53,6 +53,25 @@ def read_dataset(spec: DatasetSpec, dataset_dir: Path, max_samples: int | None) 
     return [Example(tuple(convert(row, spec, (file, i))), f"{file}, row {i}") for file, i, row in rows]
 
 
+def check_dataset(spec: DatasetSpec, dataset_dir: Path) -> tuple[int, list[str]]:
+    """Check every row of a dataset; return the row count and one message per bad row."""
+    from finetune_kit.data.readers import read_rows
+    from finetune_kit.errors import DatasetRowError
+
+    convert = FORMATS[spec.formatting]
+    path = Path(spec.file_name) if spec.file_name else None
+    if path is None:
+        return 0, [f"{spec.name}: hub datasets are not checked offline"]
+    rows = read_rows(path if path.is_absolute() else dataset_dir / path)
+    errors = []
+    for file, i, row in rows:
+        try:
+            convert(row, spec, (file, i))
+        except DatasetRowError as exc:
+            errors.append(str(exc))
+    return len(rows), errors
+
+
 def _sample(rows: list[Any], n: int) -> list[Any]:
     """LLaMA-Factory's num_samples: a random subset, or all rows plus random repeats when n is larger."""
     rng = random.Random(0)

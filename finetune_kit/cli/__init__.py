@@ -1,0 +1,1 @@
+"""The ``finetune-kit`` command line (mirrors ``llamafactory-cli``)."""

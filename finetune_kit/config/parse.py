@@ -1,0 +1,115 @@
+"""Reading a LLaMA-Factory-style YAML plus ``key=value`` and ``--key value`` overrides into typed configs.
+
+One flat namespace of LLaMA-Factory key names is mapped onto the stage dataclasses: a key
+fills every section that has a field of that name. Unknown and unsupported keys are
+reported together, each with a hint, before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from finetune_kit.config.base import StageConfig
+from finetune_kit.config.run import UNSUPPORTED
+from finetune_kit.errors import ConfigError, UnknownKeysError, did_you_mean
+
+ENV_KEYS = {"API_HOST", "API_PORT", "API_KEY", "API_MODEL_NAME"}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Load a YAML or JSON config file as a flat mapping of LLaMA-Factory keys."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist", header="Cannot read the config")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{p} is not valid YAML/JSON: {exc}", header="Cannot read the config") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of keys to values, got {type(data).__name__}",
+                          header="Cannot read the config")
+    return data
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Separate config files from ``key=value`` / ``--key value`` / ``--key=value`` / ``--flag`` overrides."""
+    files: list[str] = []
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            key = arg[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+                i += 1
+            else:
+                value = "true"
+            overrides[key.replace("-", "_")] = value
+        elif "=" in arg and not Path(arg).exists():
+            key, value = arg.split("=", 1)
+            overrides[key] = value
+        else:
+            files.append(arg)
+        i += 1
+    return files, overrides
+
+
+def collect(argv: Sequence[str]) -> dict[str, Any]:
+    """All keys from the config files in ``argv``, then its overrides (later ones win)."""
+    files, overrides = split_argv(argv)
+    values: dict[str, Any] = {}
+    for f in files:
+        if not f.endswith((".yaml", ".yml", ".json")):
+            raise ConfigError(f"unexpected argument {f!r}: expected a .yaml/.json file, key=value or --key value",
+                              header="Cannot read the command line")
+        values.update(read_config_file(f))
+    values.update(overrides)
+    return values
+
+
+def build(values: Mapping[str, Any], sections: Sequence[type[StageConfig]]) -> dict[type[StageConfig], StageConfig]:
+    """Build one config per section from flat ``values``; report unknown keys and bad values together."""
+    known = {f.name for cls in sections for f in fields(cls)}
+    problems: list[str] = []
+    unknown = [k for k in values if k not in known]
+    unsupported = [k for k in unknown if k in UNSUPPORTED]
+    typos = [k for k in unknown if k not in UNSUPPORTED]
+    for k in typos:
+        problems.append(f"unknown key '{k}'.{did_you_mean(k, known)}")
+    for k in unsupported:
+        problems.append(f"'{k}' is a LLaMA-Factory key that finetune_kit does not support yet ({UNSUPPORTED[k]}). "
+                        "Fix: remove it")
+    built: dict[type[StageConfig], StageConfig] = {}
+    for cls in sections:
+        names = {f.name for f in fields(cls)}
+        try:
+            built[cls] = cls(**{k: v for k, v in values.items() if k in names})
+        except ConfigError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+    if problems:
+        cls_err = UnknownKeysError if (typos or unsupported) else ConfigError
+        raise cls_err(problems, header="Invalid configuration")
+    return built
+
+
+def describe(sections: Sequence[type[StageConfig]]) -> str:
+    """``--help`` text: every key of every section with its default and help."""
+    lines = []
+    for cls in sections:
+        lines.append(f"\n{cls.section} keys ({cls.__name__}):")
+        for f in fields(cls):
+            default = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+            lines.append(f"  --{f.name:<34} {f.metadata.get('help', '')} [default: {default}]")
+    return "\n".join(lines)

@@ -1,0 +1,314 @@
+"""The FastAPI app: OpenAI-compatible routes over one :class:`LoadedModel`.
+
+Generation never runs on the event loop: each request takes a slot of an asyncio semaphore
+(``max_concurrent``, 1 like LLaMA-Factory) and runs in a worker thread. The slot is released
+when the worker thread finishes, not when the client leaves, so an abandoned stream cannot let
+a second generation overlap the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from finetune_kit.errors import TemplateError
+from finetune_kit.models.bundled import BUNDLED_PREFIX
+from finetune_kit.models.generation import GenerationConfig
+from finetune_kit.models.loaded import Completion, LoadedModel
+from finetune_kit.serve.config import ServeConfig
+from finetune_kit.serve.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorBody,
+    ErrorDetail,
+    ModelCard,
+    ModelList,
+    RequestError,
+    Usage,
+)
+
+logger = logging.getLogger("finetune_kit.serve")
+_END = object()
+
+
+class ApiError(Exception):
+    """An error that leaves the server as an OpenAI-shaped body with ``status``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def served_name(model: LoadedModel, config: ServeConfig) -> str:
+    """``api_model_name``, else the last adapter folder's name, else the model's last path part."""
+    if config.api_model_name:
+        return config.api_model_name
+    name = model.adapters[-1] if model.adapters else model.source.display_name.removeprefix(BUNDLED_PREFIX)
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def create_app(model: LoadedModel, config: ServeConfig, generation: GenerationConfig) -> FastAPI:
+    """Build the app serving ``model`` under one model id, with ``generation`` as request defaults."""
+    name = served_name(model, config)
+    card = ModelCard(id=name, created=int(time.time()))
+    slots = _Slots(config.max_concurrent)
+    context = getattr(getattr(model.model, "config", None), "max_position_embeddings", None)
+
+    app = FastAPI(title="finetune_kit OpenAI-compatible API", version="1")
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True,
+                       allow_methods=["*"], allow_headers=["*"])
+    _install_error_handlers(app)
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_check(config.api_key))] if config.api_key else [])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": name})
+
+    @router.get("/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @router.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> JSONResponse:
+        if model_id != name:
+            raise ApiError(404, f"The model '{model_id}' does not exist; this server serves '{name}'.",
+                           param="model", code="model_not_found")
+        return JSONResponse(card.model_dump())
+
+    @router.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        started = time.perf_counter()
+        body.check_supported()
+        messages = body.conversation()
+        gen = body.generation(generation)
+        try:
+            prompt = model.encode_prompt(messages)
+        except TemplateError as exc:
+            raise RequestError(str(exc), param="messages") from exc
+        if context and len(prompt) >= context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens, but the messages "
+                           f"take {len(prompt)} tokens. Shorten the conversation.",
+                           param="messages", code="context_length_exceeded")
+        stop = body.stop or []
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def log(status: str, usage: Usage | None) -> None:
+            if config.api_verbose:
+                tokens = f"{usage.prompt_tokens}+{usage.completion_tokens} tokens" if usage else "no usage"
+                logger.info("chat.completions model=%s messages=%d n=%d stream=%s -> %s, %s, %.2fs",
+                            body.model, len(messages), body.n, body.stream, status, tokens,
+                            time.perf_counter() - started)
+
+        if body.stream:
+            from sse_starlette import EventSourceResponse
+
+            events = _stream(model, messages, gen, stop, slots, body.include_usage,
+                             ChatCompletionChunk(id=rid, created=created, model=name, choices=[]), log)
+            return EventSourceResponse(events, sep="\n")
+
+        def work() -> list[Completion]:
+            return model.generate([messages] * body.n, gen, batch_size=min(body.n, 8), stop=stop)
+
+        done = await slots.run(work)
+        usage = Usage(prompt_tokens=done[0].prompt_tokens, completion_tokens=sum(c.completion_tokens for c in done),
+                      total_tokens=done[0].prompt_tokens + sum(c.completion_tokens for c in done))
+        choices = [Choice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+                   for i, c in enumerate(done)]
+        log("200 " + ",".join(c.finish_reason for c in done), usage)
+        return JSONResponse(ChatCompletion(id=rid, created=created, model=name, choices=choices,
+                                           usage=usage).model_dump())
+
+    app.include_router(router)
+    return app
+
+
+async def _stream(model: LoadedModel, messages: list[dict[str, str]], gen: GenerationConfig, stop: list[str],
+                  slots: _Slots, include_usage: bool, base: ChatCompletionChunk,
+                  log: Callable[[str, Usage | None], None]) -> AsyncIterator[dict[str, str]]:
+    """SSE events: role chunk, content chunks, finish chunk, optional usage chunk, ``[DONE]``."""
+    skip = None if include_usage else {"usage"}
+
+    def event(choice: ChunkChoice | None, usage: Usage | None = None) -> dict[str, str]:
+        chunk = base.model_copy(update={"choices": [choice] if choice else [], "usage": usage})
+        return {"data": chunk.model_dump_json(exclude=skip)}
+
+    yield event(ChunkChoice(delta=Delta(role="assistant", content="")))
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    abandoned = threading.Event()
+
+    def put(item: Any) -> None:
+        if not abandoned.is_set():
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def produce() -> None:
+        try:
+            for item in model.stream(messages, gen, stop=stop):  # runs to the end even if abandoned
+                put(item)
+        except BaseException as exc:
+            put(exc)
+        finally:
+            put(_END)
+
+    try:
+        await slots.start(produce)
+        sent, final = "", None
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                logger.exception("generation failed mid-stream", exc_info=item)
+                body = ErrorBody(error=ErrorDetail(message=f"generation failed: {item}", type="server_error"))
+                yield {"data": body.model_dump_json()}
+                yield {"data": "[DONE]"}
+                log("error mid-stream", None)
+                return
+            if isinstance(item, str):
+                sent += item
+                yield event(ChunkChoice(delta=Delta(content=item)))
+            else:
+                final = item
+        assert final is not None  # stream() always ends with a Completion
+        if len(final.text) > len(sent) and final.text.startswith(sent):  # text the streamer held back
+            yield event(ChunkChoice(delta=Delta(content=final.text[len(sent):])))
+        yield event(ChunkChoice(delta=Delta(), finish_reason=final.finish_reason))
+        usage = Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
+                      total_tokens=final.prompt_tokens + final.completion_tokens)
+        if include_usage:
+            yield event(None, usage)
+        yield {"data": "[DONE]"}
+        log(f"200 {final.finish_reason}", usage)
+    finally:
+        abandoned.set()
+
+
+class _Slots:
+    """``max_concurrent`` generation slots; a slot frees when its worker thread ends.
+
+    The semaphore is made on first use in the running loop, so one app can be served by
+    several event loops one after another (``Server.start()`` twice).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sem: asyncio.Semaphore | None = None
+
+    async def start(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._loop is not loop:
+            self._loop, self._sem = loop, asyncio.Semaphore(self.size)
+        sem = self._sem
+        await sem.acquire()
+        try:
+            future = loop.run_in_executor(None, fn)
+        except BaseException:
+            sem.release()
+            raise
+        future.add_done_callback(lambda _: sem.release())
+        return future
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        # shield: a cancelled request must not mark the future done while its thread still runs
+        return await asyncio.shield(await self.start(fn))
+
+
+def _bearer_check(key: str) -> Callable[[Request], Any]:
+    expected = hashlib.sha256(key.encode()).digest()
+
+    async def check(request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode()).digest()
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given, expected):
+            raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+
+    return check
+
+
+def _error_response(status: int, message: str, *, type: str = "invalid_request_error",
+                    param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(message=message, type=type, param=param, code=code))
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return _error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+
+    async def request_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestError)
+        logger.info("400 %s %s: %s", request.method, request.url.path, exc)
+        return _error_response(400, str(exc), param=exc.param)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        message, param = _describe_validation(exc.errors())
+        logger.info("400 %s %s: %s", request.method, request.url.path, message)
+        return _error_response(400, message, param=param)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed for {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return _error_response(exc.status_code, message, type="invalid_request_error" if exc.status_code < 500
+                               else "server_error")
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("500 %s %s", request.method, request.url.path, exc_info=exc)
+        return _error_response(500, f"The server failed to generate a reply: {type(exc).__name__}: {exc}",
+                               type="server_error")
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestError, request_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+
+
+def _describe_validation(errors: Any) -> tuple[str, str | None]:
+    """One message listing every problem FastAPI found, and the first bad field as ``param``."""
+    problems, params = [], []
+    for err in errors:
+        loc = list(err.get("loc", ()))
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+        kind, msg = err.get("type", ""), str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if kind == "json_invalid":
+            param = None
+            problems.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})")
+        elif kind == "missing":
+            problems.append(f"missing required parameter '{param}'" if param else "the request body is missing")
+        elif param is None:
+            problems.append(f"the request body must be a JSON object: {msg}")
+        else:
+            got = repr(err.get("input"))
+            problems.append(f"invalid value for '{param}': {msg}" + (f" (got {got})" if len(got) <= 80 else ""))
+        params.append(param)
+    return "; ".join(problems) or "invalid request", next((p for p in params if p), None)
