@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -37,25 +38,15 @@ from finetune_kit.serve.protocol import (
     Choice,
     ChunkChoice,
     Delta,
-    ErrorBody,
-    ErrorDetail,
     ModelCard,
     ModelList,
     RequestError,
     Usage,
+    describe_validation_errors,
 )
 
 logger = logging.getLogger("finetune_kit.serve")
 _END = object()
-
-
-class ApiError(Exception):
-    """An error that leaves the server as an OpenAI-shaped body with ``status``."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
 def served_name(model: LoadedModel, config: ServeConfig) -> str:
@@ -90,8 +81,8 @@ def create_app(model: LoadedModel, config: ServeConfig, generation: GenerationCo
     @router.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
         if model_id != name:
-            raise ApiError(404, f"The model '{model_id}' does not exist; this server serves '{name}'.",
-                           param="model", code="model_not_found")
+            raise RequestError(f"The model '{model_id}' does not exist; this server serves '{name}'.",
+                               param="model", status=404, code="model_not_found")
         return JSONResponse(card.model_dump())
 
     @router.post("/chat/completions")
@@ -105,9 +96,9 @@ def create_app(model: LoadedModel, config: ServeConfig, generation: GenerationCo
         except TemplateError as exc:
             raise RequestError(str(exc), param="messages") from exc
         if context and len(prompt) >= context:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens, but the messages "
-                           f"take {len(prompt)} tokens. Shorten the conversation.",
-                           param="messages", code="context_length_exceeded")
+            raise RequestError(f"This model's maximum context length is {context} tokens, but the messages "
+                               f"take {len(prompt)} tokens. Shorten the conversation.",
+                               param="messages", code="context_length_exceeded")
         stop = body.stop or []
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -178,8 +169,9 @@ async def _stream(model: LoadedModel, messages: list[dict[str, str]], gen: Gener
         while (item := await queue.get()) is not _END:
             if isinstance(item, BaseException):
                 logger.exception("generation failed mid-stream", exc_info=item)
-                body = ErrorBody(error=ErrorDetail(message=f"generation failed: {item}", type="server_error"))
-                yield {"data": body.model_dump_json()}
+                error = RequestError(f"generation failed: {type(item).__name__}: {item}", status=500,
+                                     type="server_error")
+                yield {"data": json.dumps(error.body())}
                 yield {"data": "[DONE]"}
                 log("error mid-stream", None)
                 return
@@ -191,7 +183,7 @@ async def _stream(model: LoadedModel, messages: list[dict[str, str]], gen: Gener
         assert final is not None  # stream() always ends with a Completion
         if len(final.text) > len(sent) and final.text.startswith(sent):  # text the streamer held back
             yield event(ChunkChoice(delta=Delta(content=final.text[len(sent):])))
-        yield event(ChunkChoice(delta=Delta(), finish_reason=final.finish_reason))
+        yield event(ChunkChoice(delta=Delta(), finish_reason="stop"))
         usage = Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
                       total_tokens=final.prompt_tokens + final.completion_tokens)
         if include_usage:
@@ -240,33 +232,26 @@ def _bearer_check(key: str) -> Callable[[Request], Any]:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = hashlib.sha256(token.strip().encode()).digest()
         if scheme.lower() != "bearer" or not secrets.compare_digest(given, expected):
-            raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+            raise RequestError("Invalid API key.", status=401, code="invalid_api_key")
 
     return check
 
 
-def _error_response(status: int, message: str, *, type: str = "invalid_request_error",
-                    param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(message=message, type=type, param=param, code=code))
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+def _error_response(error: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def api_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ApiError)
-        return _error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
-
     async def request_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestError)
-        logger.info("400 %s %s: %s", request.method, request.url.path, exc)
-        return _error_response(400, str(exc), param=exc.param)
+        if exc.status == 400:
+            logger.info("400 %s %s: %s", request.method, request.url.path, exc)
+        return _error_response(exc)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        message, param = _describe_validation(exc.errors())
-        logger.info("400 %s %s: %s", request.method, request.url.path, message)
-        return _error_response(400, message, param=param)
+        return await request_error(request, describe_validation_errors(exc.errors()))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -276,39 +261,15 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed for {request.url.path}"
         else:
             message = str(exc.detail)
-        return _error_response(exc.status_code, message, type="invalid_request_error" if exc.status_code < 500
-                               else "server_error")
+        return _error_response(RequestError(message, status=exc.status_code, type="invalid_request_error"
+                                            if exc.status_code < 500 else "server_error"))
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("500 %s %s", request.method, request.url.path, exc_info=exc)
-        return _error_response(500, f"The server failed to generate a reply: {type(exc).__name__}: {exc}",
-                               type="server_error")
+        return _error_response(RequestError(f"The server failed to generate a reply: {type(exc).__name__}: {exc}",
+                                            status=500, type="server_error"))
 
-    app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestError, request_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
-
-
-def _describe_validation(errors: Any) -> tuple[str, str | None]:
-    """One message listing every problem FastAPI found, and the first bad field as ``param``."""
-    problems, params = [], []
-    for err in errors:
-        loc = list(err.get("loc", ()))
-        if loc and loc[0] == "body":
-            loc = loc[1:]
-        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-        kind, msg = err.get("type", ""), str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        if kind == "json_invalid":
-            param = None
-            problems.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})")
-        elif kind == "missing":
-            problems.append(f"missing required parameter '{param}'" if param else "the request body is missing")
-        elif param is None:
-            problems.append(f"the request body must be a JSON object: {msg}")
-        else:
-            got = repr(err.get("input"))
-            problems.append(f"invalid value for '{param}': {msg}" + (f" (got {got})" if len(got) <= 80 else ""))
-        params.append(param)
-    return "; ".join(problems) or "invalid request", next((p for p in params if p), None)

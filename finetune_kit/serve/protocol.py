@@ -21,11 +21,41 @@ _ROLES = ("system", "developer", "user", "assistant")
 
 
 class RequestError(FinetuneKitError, ValueError):
-    """A request the server understood but cannot serve; becomes an HTTP 400 naming ``param``."""
+    """A request the server cannot serve; leaves as an OpenAI error body with ``status`` (400 by default)."""
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:
         super().__init__(message)
-        self.param = param
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+
+    def body(self) -> dict[str, Any]:
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorBody(error=detail).model_dump()
+
+
+def describe_validation_errors(errors: Any) -> RequestError:
+    """One 400 listing every problem pydantic found in a request body; ``param`` is the first bad field."""
+    problems, params = [], []
+    for err in errors:
+        loc = list(err.get("loc", ()))
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+        kind, msg = err.get("type", ""), str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if kind == "json_invalid":
+            param = None
+            problems.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})")
+        elif kind == "missing":
+            problems.append(f"missing required parameter '{param}'" if param else "the request body is missing")
+        elif param is None:
+            problems.append(f"the request body must be a JSON object sent with Content-Type: application/json "
+                            f"({msg})")
+        else:
+            got = repr(err.get("input"))
+            shown = kind != "value_error" and len(got) <= 80  # our own validators already quote the value
+            problems.append(f"invalid value for '{param}': {msg}" + (f" (got {got})" if shown else ""))
+        params.append(param)
+    return RequestError("; ".join(problems) or "invalid request", param=next((p for p in params if p), None))
 
 
 # ---------------------------------------------------------------------------------- request

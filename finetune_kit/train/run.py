@@ -32,7 +32,7 @@ def training_arguments(trainer: LoraTrainer, has_eval: bool) -> Any:
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, bf16=t.bf16, fp16=t.fp16, seed=t.seed, data_seed=t.seed,
         report_to=list(t.report_to), dataloader_num_workers=t.dataloader_num_workers, disable_tqdm=t.disable_tqdm,
-        gradient_checkpointing=t.gradient_checkpointing, remove_unused_columns=False,
+        activation_checkpointing=t.gradient_checkpointing, remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen=True, **eval_kwargs,
     )
 
