@@ -23,6 +23,17 @@ def bundled_dir() -> Path:
     return ModelSource.bundled().resolve()
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    """SmolLM2's real tokenizer: from $FINETUNE_KIT_TEST_TOKENIZER if set (GPU runs), else the bundled model."""
+    env = os.environ.get("FINETUNE_KIT_TEST_TOKENIZER")
+    if env:
+        return Path(env)
+    from finetune_kit.models.source import ModelSource
+
+    return ModelSource.bundled().resolve()
+
+
 def _tiny(tmp: Path, bundled: Path, arch: str) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -44,15 +55,15 @@ def _tiny(tmp: Path, bundled: Path, arch: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, bundled_dir: Path) -> Path:
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A 2-layer, hidden-64 Llama with random weights and SmolLM2's tokenizer, saved to disk."""
-    return _tiny(tmp_path_factory.mktemp("models"), bundled_dir, "llama")
+    return _tiny(tmp_path_factory.mktemp("models"), tokenizer_dir, "llama")
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, bundled_dir: Path) -> Path:
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A 2-layer, hidden-64 Qwen2 with random weights and SmolLM2's tokenizer, saved to disk."""
-    return _tiny(tmp_path_factory.mktemp("models"), bundled_dir, "qwen2")
+    return _tiny(tmp_path_factory.mktemp("models"), tokenizer_dir, "qwen2")
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +71,7 @@ def tiny_llama(tiny_llama_dir: Path):
     """The tiny Llama loaded as a :class:`LoadedModel` with the chatml template."""
     from finetune_kit.models.source import ModelSource
 
-    return ModelSource.local(tiny_llama_dir).load(template="chatml")
+    return ModelSource.local(tiny_llama_dir).load(template="chatml", infer_dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -183,7 +183,7 @@ async def _stream(model: LoadedModel, messages: list[dict[str, str]], gen: Gener
         assert final is not None  # stream() always ends with a Completion
         if len(final.text) > len(sent) and final.text.startswith(sent):  # text the streamer held back
             yield event(ChunkChoice(delta=Delta(content=final.text[len(sent):])))
-        yield event(ChunkChoice(delta=Delta(), finish_reason="stop"))
+        yield event(ChunkChoice(delta=Delta(), finish_reason=final.finish_reason))
         usage = Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
                       total_tokens=final.prompt_tokens + final.completion_tokens)
         if include_usage:

@@ -144,7 +144,10 @@ class Server:
         print(f"Serving {name!r} with an OpenAI-compatible API at {url}/v1")
         print(_curl_example(url, name, bool(self._config.api_key)))
         config = uvicorn.Config(app, log_level=log_level, log_config=log_config)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after a clean shutdown
+            pass
 
     def start(self, *, timeout: float = 60.0, log_level: LogLevel = "warning") -> ServerHandle:
         """Serve from a background thread and return once the port accepts connections.

@@ -25,9 +25,9 @@ def trained(model, tmp_path: Path) -> TrainResult:
 
 
 def logits(model, text: str) -> torch.Tensor:
-    ids = torch.tensor([model.tokenizer.encode(text, add_special_tokens=False)])
+    ids = torch.tensor([model.tokenizer.encode(text, add_special_tokens=False)], device=model.device)
     with torch.no_grad():
-        return model.model(input_ids=ids).logits.float()
+        return model.model(input_ids=ids).logits.float().cpu()
 
 
 def test_merged_logits_equal_adapter_logits(tiny_llama, tmp_path):
