@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,8 @@ def describe(sections: Sequence[type[StageConfig]]) -> str:
     for cls in sections:
         lines.append(f"\n{cls.section} keys ({cls.__name__}):")
         for f in fields(cls):
-            default = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else None)
+            default = ",".join(default) if isinstance(default, tuple) else default
             lines.append(f"  --{f.name:<34} {f.metadata.get('help', '')} [default: {default}]")
     return "\n".join(lines)

@@ -32,9 +32,19 @@ def training_arguments(trainer: LoraTrainer, has_eval: bool) -> Any:
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, bf16=t.bf16, fp16=t.fp16, seed=t.seed, data_seed=t.seed,
         report_to=list(t.report_to), dataloader_num_workers=t.dataloader_num_workers, disable_tqdm=t.disable_tqdm,
-        activation_checkpointing=t.gradient_checkpointing, remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen=True, **eval_kwargs,
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen=True,
+        **_checkpointing_kwarg(t.gradient_checkpointing), **eval_kwargs,
     )
+
+
+def _checkpointing_kwarg(enabled: bool) -> dict[str, bool]:
+    """transformers renamed gradient_checkpointing to activation_checkpointing; use whichever this version has."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    names = inspect.signature(TrainingArguments.__init__).parameters
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 def attach_lora(trainer: LoraTrainer) -> Any:
@@ -77,12 +87,12 @@ def run_training(trainer: LoraTrainer, train_set: TokenizedDataset, eval_set: To
     tokenizer = tokenizer_for_saving(trainer.model)
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    was_peft = not hasattr(trainer.model.model, "peft_config")
+    fresh_lora = not hasattr(trainer.model.model, "peft_config")
     peft_model = attach_lora(trainer)
-    hf = Trainer(model=peft_model, args=training_arguments(trainer, eval_set is not None),
-                 train_dataset=train_set.dataset, eval_dataset=eval_set.dataset if eval_set else None,
-                 data_collator=collator, processing_class=tokenizer, callbacks=[JsonlLogCallback(out)])
     try:
+        hf = Trainer(model=peft_model, args=training_arguments(trainer, eval_set is not None),
+                     train_dataset=train_set.dataset, eval_dataset=eval_set.dataset if eval_set else None,
+                     data_collator=collator, processing_class=tokenizer, callbacks=[JsonlLogCallback(out)])
         output = hf.train(resume_from_checkpoint=resume)
         metrics = dict(output.metrics)
         if eval_set is not None:
@@ -98,7 +108,9 @@ def run_training(trainer: LoraTrainer, train_set: TokenizedDataset, eval_set: To
             plots = tuple(plot_loss(hf.state.log_history, out))
         history = tuple(hf.state.log_history)
     finally:
-        if was_peft:
-            peft_model.unload()  # give the caller back the base model without LoRA layers
+        if fresh_lora:  # give the caller back the base model without LoRA layers
+            base = peft_model.unload()
+            if hasattr(base, "peft_config"):
+                del base.peft_config
     return TrainResult(output_dir=out, base=trainer.model.source.with_config(adapter_name_or_path=None),
                        metrics=metrics, log_history=history, plots=plots)

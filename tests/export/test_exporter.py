@@ -38,7 +38,8 @@ def test_merged_logits_equal_adapter_logits(tiny_llama, tmp_path):
     prompt = adapter_model.template.prompt([{"role": "user", "content": "question 1"}], adapter_model.tokenizer)
     a, b, base = logits(adapter_model, prompt), logits(merged, prompt), logits(tiny_llama, prompt)
     assert not torch.allclose(a, base, atol=1e-3), "the adapter must change the logits for this test to mean anything"
-    torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+    # fp32 on the CPU: equal to 1e-4. CUDA matmul kernels sum in another order, so allow a little more there.
+    torch.testing.assert_close(b, a, atol=1e-4 if adapter_model.device.type == "cpu" else 5e-3, rtol=0)
 
 
 def test_export_folder_loads_with_plain_transformers_and_keeps_the_template(tiny_llama, tmp_path):

@@ -41,6 +41,7 @@ def test_lora_weights_change_and_base_weights_stay_frozen(tiny_llama, tmp_path):
     after = tiny_llama.model.state_dict()
     assert set(after) == set(before)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not hasattr(tiny_llama.model, "peft_config")
     tuned = result.load()
     lora = {k: v for k, v in tuned.model.state_dict().items() if "lora_B" in k}
     assert lora and any(v.abs().sum() > 0 for v in lora.values()), "lora_B starts at zero and must have moved"
