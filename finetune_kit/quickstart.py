@@ -13,7 +13,7 @@ from pathlib import Path
 from finetune_kit.config.base import StageConfig, option
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class QuickstartConfig(StageConfig):
     """Settings of the quickstart run (defaults finish in a few minutes on 2 CPU cores)."""
 

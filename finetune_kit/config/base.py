@@ -73,7 +73,7 @@ class StageConfig:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]
 
     def __repr__(self) -> str:
-        defaults = type(self)()  if _all_defaulted(type(self)) else None
+        defaults = type(self)() if _all_defaulted(type(self)) else None
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)

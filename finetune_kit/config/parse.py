@@ -8,6 +8,7 @@ reported together, each with a hint, before anything runs.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -17,7 +18,7 @@ from finetune_kit.config.base import StageConfig
 from finetune_kit.config.run import UNSUPPORTED
 from finetune_kit.errors import ConfigError, UnknownKeysError, did_you_mean
 
-ENV_KEYS = {"API_HOST", "API_PORT", "API_KEY", "API_MODEL_NAME"}
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
             key = arg[2:]
             if "=" in key:
                 key, value = key.split("=", 1)
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--") and not _ASSIGNMENT.match(argv[i + 1]):
                 value = argv[i + 1]
                 i += 1
             else:

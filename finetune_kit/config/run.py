@@ -8,7 +8,7 @@ from typing import Literal
 from finetune_kit.config.base import StageConfig, option
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RunConfig(StageConfig):
     """What ``finetune-kit train`` should do (LLaMA-Factory's stage and do_* switches)."""
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from finetune_kit.config.base import StageConfig, option
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DataConfig(StageConfig):
     """Dataset selection and tokenization limits (LLaMA-Factory key names)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +45,10 @@ def read_dataset(spec: DatasetSpec, dataset_dir: Path, max_samples: int | None) 
         rows = read_rows(path if path.is_absolute() else dataset_dir / path)
     else:
         rows = _read_hub(spec)
-    if max_samples is not None:
-        rows = rows[:max_samples]
     if spec.num_samples is not None:
         rows = _sample(rows, spec.num_samples)
+    if max_samples is not None:
+        rows = rows[:max_samples]
     if not rows:
         raise DatasetError(f"dataset '{spec.name}' has no rows")
     return [Example(tuple(convert(row, spec, (file, i))), f"{file}, row {i}") for file, i, row in rows]
@@ -115,7 +116,7 @@ class Conversations:
     def split(self, val_size: float, *, seed: int = 42) -> tuple[Conversations, Conversations]:
         """Shuffle and hold out ``val_size`` (a fraction < 1 or a row count) for evaluation."""
         n = len(self)
-        n_val = int(val_size) if val_size >= 1 else round(n * val_size)
+        n_val = int(val_size) if val_size >= 1 else math.ceil(n * val_size)
         if not 0 < n_val < n:
             raise DatasetError(f"val_size={val_size} holds out {n_val} of {n} rows; it must leave at least one row "
                                "on each side")

@@ -51,6 +51,8 @@ def _read_json(f: Path) -> list[Any]:
         if text.lstrip().startswith("{") and "\n{" in text:
             return _read_jsonl(f)  # JSON Lines saved with a .json suffix, as LLaMA-Factory accepts
         raise DatasetError(f"{f}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    if isinstance(data, dict) and len(text.strip().splitlines()) == 1:
+        return [data]  # one JSON Lines row in a .json file
     if isinstance(data, dict):
         raise DatasetError(f"{f}: the top level is an object; expected a list of rows ([{{...}}, {{...}}])")
     if not isinstance(data, list):

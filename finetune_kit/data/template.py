@@ -61,7 +61,7 @@ class ChatTemplate:
         if self.is_native:
             return _native_segments(tokenizer, system if system is not None else (self.default_system or None), turns)
         bos = getattr(tokenizer, "bos_token", None) or ""
-        system = system if system is not None else self.default_system
+        system = system or self.default_system
         head = self.prefix.replace("{bos_token}", bos)
         if system:
             head += self.system.replace("{content}", system)
@@ -110,7 +110,8 @@ class ChatTemplate:
         prefix_j = lit(pre_a) + ("{{ bos_token }}" if "\x00" in prefix else "") + lit(pre_b)
         return (
             "{% if messages and messages[0]['role'] == 'system' %}"
-            "{% set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+            "{% set system_message = messages[0]['content'] or " + repr(self.default_system) + " %}"
+            "{% set loop_messages = messages[1:] %}"
             "{% else %}{% set system_message = " + repr(self.default_system) + " %}"
             "{% set loop_messages = messages %}{% endif %}"
             + prefix_j

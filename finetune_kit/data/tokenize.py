@@ -42,7 +42,11 @@ def encode_conversation(messages: list[dict[str, str]], tokenizer: Any, template
     labels: list[int] = []
     total = 0
     last = len(pairs) - 1
-    for turn, (source, target) in enumerate(pairs):
+    # With mask_history only the last reply is trained, so fill the budget from the last turn
+    # backwards (as LLaMA-Factory does): truncation then drops history, never the trained reply.
+    order = range(last, -1, -1) if mask_history else range(len(pairs))
+    for turn in order:
+        source, target = pairs[turn]
         if total >= cutoff_len:
             break
         src_len, tgt_len = infer_seqlen(len(source), len(target), cutoff_len - total)
@@ -50,8 +54,12 @@ def encode_conversation(messages: list[dict[str, str]], tokenizer: Any, template
         total += src_len + tgt_len
         source_labels = source if train_on_prompt else [IGNORE_INDEX] * src_len
         target_labels = target if (not mask_history or turn == last) else [IGNORE_INDEX] * tgt_len
-        input_ids += source + target
-        labels += source_labels + target_labels
+        if mask_history:
+            input_ids = source + target + input_ids
+            labels = source_labels + target_labels + labels
+        else:
+            input_ids += source + target
+            labels += source_labels + target_labels
     return input_ids, labels
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 from finetune_kit.config.base import StageConfig, option
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ExportConfig(StageConfig):
     """Where and how a merged model is written."""
 

@@ -8,7 +8,7 @@ from typing import Literal
 from finetune_kit.config.base import StageConfig, option
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ModelConfig(StageConfig):
     """Where the weights come from and how to load them (LLaMA-Factory key names)."""
 

@@ -8,7 +8,7 @@ from typing import Any
 from finetune_kit.config.base import StageConfig, option
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class GenerationConfig(StageConfig):
     """Decoding settings; defaults are LLaMA-Factory's (sampling, temperature 0.95, top_p 0.7)."""
 

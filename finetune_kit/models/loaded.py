@@ -139,21 +139,22 @@ class LoadedModel:
         self.model.eval()
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        sent = ""
+        sent = ""  # text already yielded
+        seen = ""  # text generated so far
         stopped_early = False
         for piece in streamer:
-            if not piece:
-                continue
-            text = sent + piece
-            cut = _cut_at_stop(text, stop)
+            seen += piece
+            cut = _cut_at_stop(seen, stop)
             if cut is not None:
                 if cut > len(sent):
-                    yield text[len(sent):cut]
-                sent = text[:cut]
+                    yield seen[len(sent):cut]
                 stopped_early = True
                 break
-            yield piece
-            sent = text
+            # hold back a tail that could be the start of a stop string
+            safe = len(seen) - _stop_prefix_len(seen, stop)
+            if safe > len(sent):
+                yield seen[len(sent):safe]
+                sent = seen[:safe]
         if stopped_early:  # drain after a stop string so the generation thread can finish
             for _ in streamer:
                 pass
@@ -161,7 +162,10 @@ class LoadedModel:
         if "error" in holder:
             raise holder["error"]
         row = holder["out"][0, len(prompt):].tolist()
-        yield self._finish(row, len(prompt), gen, stop)
+        final = self._finish(row, len(prompt), gen, stop)
+        if not stopped_early and len(final.text) > len(sent) and final.text.startswith(sent):
+            yield final.text[len(sent):]  # the held-back tail turned out not to be a stop string
+        yield final
 
     def _stop_kwargs(self, stop: Sequence[str]) -> dict[str, Any]:
         return {"stop_strings": list(stop), "tokenizer": self.tokenizer} if stop else {}
@@ -184,6 +188,17 @@ class LoadedModel:
         if cut is not None:
             text, reason = text[:cut], "stop"
         return Completion(text=text, prompt_tokens=n_prompt, completion_tokens=len(tokens), finish_reason=reason)
+
+
+def _stop_prefix_len(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-k:]):
+                best = k
+                break
+    return best
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -165,9 +165,11 @@ class ModelSource:
             kwargs["revision"] = self.config.model_revision
         try:
             return Path(snapshot_download(local_files_only=True, **kwargs))
-        except Exception:
-            pass
+        except Exception as exc:
+            cached_error: Exception = exc
         try:
+            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+                raise cached_error  # offline: don't spend ~20 s in network retries
             return Path(snapshot_download(**kwargs))
         except Exception as exc:
             raise ModelNotFoundError(

@@ -17,7 +17,7 @@ def _env_option(env: str, fallback: Any, help: str) -> Any:
     return dataclasses.field(default_factory=factory, metadata={"help": f"{help} (env {env})", "env": env})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ServeConfig(StageConfig):
     """Where and how the OpenAI-compatible server listens.
 

@@ -8,7 +8,7 @@ from typing import Literal
 from finetune_kit.config.base import StageConfig, option
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LoraConfig(StageConfig):
     """Which layers get LoRA adapters and how large they are."""
 
@@ -40,7 +40,7 @@ class LoraConfig(StageConfig):
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TrainingConfig(StageConfig):
     """Optimisation, logging and output settings (names and defaults of transformers/LLaMA-Factory)."""
 

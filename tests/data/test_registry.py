@@ -135,8 +135,6 @@ def test_num_samples_samples_and_oversamples(tmp_path):
     assert set(more) == {qa_key(i) for i in range(6)}  # every row at least once, then repeats
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: conversations.read_dataset applies max_samples before num_samples; "
-                                       "LLaMA-Factory samples num_samples first, then truncates to max_samples")
 def test_max_samples_truncates_after_num_samples_like_llamafactory(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps(ROWS))
     write_info(tmp_path, {"sampled": {"file_name": "rows.json", "num_samples": 4}})
@@ -249,7 +247,13 @@ def test_split_is_deterministic_for_a_seed(demo):
     assert _key(a_val) != _key(demo)[:30]  # shuffled, not the first rows
 
 
-@pytest.mark.parametrize("val_size", [0.0, 0.001, 150, 500])
+@pytest.mark.parametrize("val_size", [0.0, 150, 500])
 def test_split_that_leaves_a_side_empty_is_refused(demo, val_size):
     with pytest.raises(DatasetError, match="at least one row on each side"):
         demo.split(val_size)
+
+
+@pytest.mark.parametrize(("n", "val_size", "n_val"), [(20, 0.01, 1), (10, 0.25, 3)])
+def test_split_fraction_rounds_up_like_llamafactory(demo, n, val_size, n_val):
+    train, val = demo.head(n).split(val_size)
+    assert (len(train), len(val)) == (n - n_val, n_val)

@@ -26,7 +26,7 @@ def text_field(row: dict[str, Any], column: str, where: tuple[str, int], *, requ
     if not isinstance(value, str):
         raise DatasetRowError(file=file, row=index, field=column,
                               problem=f"expected a string, got {type(value).__name__} {str(value)[:60]!r}",
-                              fix="write this field as a JSON string")
+                              fix="write this field as text (a quoted JSON string; in CSV or parquet, a string column)")
     if required and not value.strip():
         raise DatasetRowError(file=file, row=index, field=column, problem="the text is empty",
                               fix="fill it in or remove the row")

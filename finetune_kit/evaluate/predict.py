@@ -1,0 +1,119 @@
+"""Batch generation over a dataset's prompts, written as LLaMA-Factory's prediction files.
+
+``generated_predictions.jsonl`` is streamed: each finished batch is appended to
+``generated_predictions.jsonl.tmp`` (flushed, so ``tail -f`` shows progress and a crash keeps
+what was done), which is renamed to its final name only when every example is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from finetune_kit.errors import OutputExistsError
+
+if TYPE_CHECKING:
+    from finetune_kit.data.conversations import Conversations
+    from finetune_kit.models.generation import GenerationConfig
+    from finetune_kit.models.loaded import LoadedModel
+
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+RESULTS_FILE = "predict_results.json"
+ALL_RESULTS_FILE = "all_results.json"
+RUN_FILE = "finetune_kit_predict.json"
+Record = dict[str, str]
+
+
+def check_output_dir(output_dir: Path, *, overwrite: bool) -> None:
+    """Refuse to replace earlier predictions in ``output_dir`` unless ``overwrite``."""
+    if overwrite:
+        return
+    earlier = [output_dir / name for name in (PREDICTIONS_FILE, RESULTS_FILE)
+               if (output_dir / name).is_file() and (output_dir / name).stat().st_size > 0]
+    if earlier:
+        raise OutputExistsError(
+            f"{earlier[0]} already exists (predictions of an earlier run); refusing to overwrite it. "
+            "Fix: pass another output_dir, or allow it with with_config(overwrite_output_dir=True) "
+            "(YAML: overwrite_output_dir: true)")
+
+
+def generate_records(model: LoadedModel, data: Conversations, generation: GenerationConfig, *,
+                     batch_size: int, sink: IO[str] | None = None, progress: bool = True) -> list[Record]:
+    """Generate a reply to every example's prompt; one ``{prompt, predict, label}`` record each.
+
+    Batches of ``batch_size`` prompts go to :meth:`LoadedModel.generate` (left-padded); after each
+    batch its records are appended to ``sink`` as JSON lines and flushed.
+    """
+    from tqdm.auto import tqdm
+
+    examples = data.examples
+    records: list[Record] = []
+    with tqdm(total=len(examples), desc="Predicting", unit="example", disable=not progress) as bar:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            prompts = [e.prompt_messages for e in chunk]
+            completions = model.generate(prompts, generation, batch_size=batch_size)
+            batch = [{"prompt": model.template.prompt(p, model.tokenizer), "predict": c.text, "label": e.label}
+                     for p, c, e in zip(prompts, completions, chunk)]
+            if sink is not None:
+                sink.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
+                sink.flush()
+            records.extend(batch)
+            bar.update(len(chunk))
+    return records
+
+
+def predict_to_dir(model: LoadedModel, data: Conversations, generation: GenerationConfig, output_dir: Path, *,
+                   batch_size: int, progress: bool = True) -> list[Record]:
+    """:func:`generate_records`, streaming ``generated_predictions.jsonl`` into ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / PREDICTIONS_FILE
+    partial = final.with_name(final.name + ".tmp")
+    with partial.open("w", encoding="utf-8") as sink:
+        records = generate_records(model, data, generation, batch_size=batch_size, sink=sink, progress=progress)
+        os.fsync(sink.fileno())
+    os.replace(partial, final)
+    return records
+
+
+def results_dict(scores: dict[str, float], *, num_samples: int, runtime_s: float) -> dict[str, Any]:
+    """LLaMA-Factory's (Hugging Face's) ``predict_results.json`` content."""
+    results: dict[str, Any] = {f"predict_{key}": value for key, value in scores.items()}
+    results["predict_runtime"] = round(runtime_s, 4)
+    results["predict_samples"] = num_samples
+    results["predict_samples_per_second"] = round(num_samples / runtime_s, 3) if runtime_s > 0 else 0.0
+    return results
+
+
+def write_results(output_dir: Path, results: dict[str, Any], run_info: dict[str, Any]) -> None:
+    """Write ``predict_results.json``, merge it into ``all_results.json`` and record the run settings."""
+    _write_json(output_dir / RESULTS_FILE, results)
+    combined_path = output_dir / ALL_RESULTS_FILE
+    combined: dict[str, Any] = {}
+    if combined_path.is_file():
+        try:
+            combined = json.loads(combined_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            combined = {}
+    _write_json(combined_path, {**combined, **results})
+    _write_json(output_dir / RUN_FILE, run_info)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_predictions(path: str | os.PathLike[str]) -> list[Record]:
+    """Read a ``generated_predictions.jsonl`` (ours or LLaMA-Factory's) back into records."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def labels_of(records: Sequence[Record]) -> tuple[list[str], list[str]]:
+    """The ``(predictions, labels)`` columns of ``records``, ready for scoring."""
+    return [r["predict"] for r in records], [r["label"] for r in records]
