@@ -186,7 +186,7 @@ class Evaluator:
         else:
             records = pred.generate_records(self._model, data, self._generation, batch_size=batch,
                                             progress=progress)
-        scores = generation_scores(*pred.labels_of(records))
+        scores = generation_scores(*pred.prediction_pairs(records))
         runtime = time.perf_counter() - started
 
         if out is not None:

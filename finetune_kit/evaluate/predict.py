@@ -114,6 +114,6 @@ def read_predictions(path: str | os.PathLike[str]) -> list[Record]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def labels_of(records: Sequence[Record]) -> tuple[list[str], list[str]]:
+def prediction_pairs(records: Sequence[Record]) -> tuple[list[str], list[str]]:
     """The ``(predictions, labels)`` columns of ``records``, ready for scoring."""
     return [r["predict"] for r in records], [r["label"] for r in records]
