@@ -80,3 +80,52 @@ def bundled_model():
     from finetune_kit.models.source import ModelSource
 
     return ModelSource.bundled().load()
+
+
+# An LLaMA-Factory LoRA SFT YAML as users write it (the one of the foundation acceptance check).
+_LF_YAML = """\
+### model
+model_name_or_path: bundled:smollm2-135m-instruct
+trust_remote_code: true
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_alpha: 16
+lora_dropout: 0
+lora_target: all
+### dataset
+dataset: shop
+dataset_dir: {data}
+template: chatml
+cutoff_len: 256
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 1
+### output
+output_dir: {out}
+logging_steps: 2
+save_steps: 1000
+plot_loss: true
+overwrite_output_dir: true
+### train
+per_device_train_batch_size: 4
+gradient_accumulation_steps: 1
+learning_rate: {learning_rate}
+num_train_epochs: {num_train_epochs}
+lr_scheduler_type: constant
+warmup_ratio: 0.0
+report_to: none
+seed: 0
+"""
+
+
+@pytest.fixture(scope="session")
+def lf_yaml():
+    """Render the LLaMA-Factory-style training YAML for a dataset folder and an output folder."""
+
+    def render(data: Path, out: Path, learning_rate: str = "1.0e-3", num_train_epochs: str = "10.0") -> str:
+        return _LF_YAML.format(data=data, out=out, learning_rate=learning_rate, num_train_epochs=num_train_epochs)
+
+    return render

@@ -19,42 +19,6 @@ SHOP = [
     {"instruction": "发票怎么开？", "input": "", "output": "下单时在备注中填写发票抬头和税号。"},
 ]
 
-YAML = """\
-### model
-model_name_or_path: bundled:smollm2-135m-instruct
-trust_remote_code: true
-### method
-stage: sft
-do_train: true
-finetuning_type: lora
-lora_rank: 8
-lora_alpha: 16
-lora_dropout: 0
-lora_target: all
-### dataset
-dataset: shop
-dataset_dir: {data}
-template: chatml
-cutoff_len: 256
-max_samples: 1000
-overwrite_cache: true
-preprocessing_num_workers: 1
-### output
-output_dir: {out}
-logging_steps: 2
-save_steps: 1000
-plot_loss: true
-overwrite_output_dir: true
-### train
-per_device_train_batch_size: 4
-gradient_accumulation_steps: 1
-learning_rate: 2.0e-3
-num_train_epochs: 15.0
-lr_scheduler_type: constant
-warmup_ratio: 0.0
-report_to: none
-seed: 0
-"""
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -69,14 +33,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_run(tmp_path_factory: pytest.TempPathFactory, lf_yaml) -> Path:
     root = tmp_path_factory.mktemp("cli")
     data = root / "data"
     data.mkdir()
     (data / "shop.json").write_text(json.dumps(SHOP, ensure_ascii=False), encoding="utf-8")
     (data / "dataset_info.json").write_text(json.dumps({"shop": {"file_name": "shop.json"}}))
     yaml_file = root / "train.yaml"
-    yaml_file.write_text(YAML.format(data=data, out=root / "saves" / "shop"))
+    yaml_file.write_text(lf_yaml(data, root / "saves" / "shop", learning_rate="2.0e-3", num_train_epochs="15.0"))
     proc = cli("train", str(yaml_file))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root

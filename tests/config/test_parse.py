@@ -18,43 +18,6 @@ from finetune_kit.train.config import LoraConfig, TrainingConfig
 
 BASE_SECTIONS = [RunConfig, ModelConfig, DataConfig, LoraConfig, TrainingConfig, GenerationConfig]
 
-# The YAML of /work/shared/checks/foundation-contract.sh, as an LLaMA-Factory user writes it.
-LF_YAML = """\
-### model
-model_name_or_path: bundled:smollm2-135m-instruct
-trust_remote_code: true
-### method
-stage: sft
-do_train: true
-finetuning_type: lora
-lora_rank: 8
-lora_alpha: 16
-lora_dropout: 0
-lora_target: all
-### dataset
-dataset: shop
-dataset_dir: {data}
-template: chatml
-cutoff_len: 256
-max_samples: 1000
-overwrite_cache: true
-preprocessing_num_workers: 1
-### output
-output_dir: {out}
-logging_steps: 2
-save_steps: 1000
-plot_loss: true
-overwrite_output_dir: true
-### train
-per_device_train_batch_size: 4
-gradient_accumulation_steps: 1
-learning_rate: 1.0e-3
-num_train_epochs: 10.0
-lr_scheduler_type: constant
-warmup_ratio: 0.0
-report_to: none
-seed: 0
-"""
 
 
 def predict_config():
@@ -63,9 +26,9 @@ def predict_config():
 
 
 @pytest.fixture()
-def lf_yaml(tmp_path: Path) -> Path:
+def lf_yaml_file(tmp_path: Path, lf_yaml) -> Path:
     path = tmp_path / "train.yaml"
-    path.write_text(LF_YAML.format(data=tmp_path / "data", out=tmp_path / "saves" / "shop"), encoding="utf-8")
+    path.write_text(lf_yaml(tmp_path / "data", tmp_path / "saves" / "shop"), encoding="utf-8")
     return path
 
 
@@ -95,8 +58,8 @@ def test_split_argv_existing_path_with_equals_is_a_file(tmp_path):
     assert files == [str(odd)] and overrides == {}
 
 
-def test_collect_later_values_win(lf_yaml):
-    values = collect([str(lf_yaml), "lora_rank=32", "--learning_rate", "5e-4"])
+def test_collect_later_values_win(lf_yaml_file):
+    values = collect([str(lf_yaml_file), "lora_rank=32", "--learning_rate", "5e-4"])
     assert values["lora_rank"] == "32" and values["learning_rate"] == "5e-4"
     assert values["cutoff_len"] == 256  # from the YAML, typed by YAML
 
@@ -145,23 +108,23 @@ def check_lf_yaml_values(cfg, tmp_path: Path) -> None:
     assert gen == GenerationConfig()
 
 
-def test_lf_yaml_builds_every_section(lf_yaml, tmp_path):
-    cfg = build(collect([str(lf_yaml)]), BASE_SECTIONS)
+def test_lf_yaml_builds_every_section(lf_yaml_file, tmp_path):
+    cfg = build(collect([str(lf_yaml_file)]), BASE_SECTIONS)
     assert set(cfg) == set(BASE_SECTIONS)
     check_lf_yaml_values(cfg, tmp_path)
 
 
-def test_lf_yaml_builds_the_train_commands_sections(lf_yaml, tmp_path):
+def test_lf_yaml_builds_the_train_commands_sections(lf_yaml_file, tmp_path):
     predict = predict_config()
     sections = [*BASE_SECTIONS, predict]
-    cfg = build(collect([str(lf_yaml)]), sections)
+    cfg = build(collect([str(lf_yaml_file)]), sections)
     assert set(cfg) == set(sections)
     check_lf_yaml_values(cfg, tmp_path)
     assert isinstance(cfg[predict], predict)
 
 
-def test_overrides_beat_the_yaml(lf_yaml):
-    cfg = build(collect([str(lf_yaml), "lora_rank=16", "--learning_rate", "2e-4", "val_size=0.1", "--do_eval"]),
+def test_overrides_beat_the_yaml(lf_yaml_file):
+    cfg = build(collect([str(lf_yaml_file), "lora_rank=16", "--learning_rate", "2e-4", "val_size=0.1", "--do_eval"]),
                 BASE_SECTIONS)
     assert cfg[LoraConfig].lora_rank == 16
     assert cfg[TrainingConfig].learning_rate == 2e-4
@@ -169,8 +132,8 @@ def test_overrides_beat_the_yaml(lf_yaml):
     assert cfg[DataConfig].val_size == 0.1
 
 
-def test_unknown_unsupported_and_bad_values_are_reported_together(lf_yaml):
-    argv = [str(lf_yaml), "lora_rnak=4", "--deepspeed", "ds_z3.json", "quantization_bit=4", "learning_rate=abc"]
+def test_unknown_unsupported_and_bad_values_are_reported_together(lf_yaml_file):
+    argv = [str(lf_yaml_file), "lora_rnak=4", "--deepspeed", "ds_z3.json", "quantization_bit=4", "learning_rate=abc"]
     with pytest.raises(UnknownKeysError) as err:
         build(collect(argv), BASE_SECTIONS)
     problems = err.value.problems
