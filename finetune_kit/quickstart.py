@@ -25,7 +25,7 @@ class QuickstartConfig(StageConfig):
     lora_rank: int = option(8, "LoRA rank.")
     per_device_train_batch_size: int = option(8, "Training batch size.")
     max_new_tokens: int = option(64, "Longest generated answer when predicting.")
-    template: str = option("smollm2", "Chat template (the bundled model's own format).")
+    template: str = option("chatml", "Chat template (ChatML, the bundled model's format, without a default system).")
     seed: int = option(42, "Random seed.")
 
 
@@ -68,7 +68,7 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
                               num_train_epochs=cfg.num_train_epochs,
                               per_device_train_batch_size=cfg.per_device_train_batch_size,
                               lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=5, save_steps=10_000,
-                              plot_loss=True, seed=cfg.seed))
+                              group_by_length=True, plot_loss=True, seed=cfg.seed))
     print(trainer.explain(train_set), flush=True)
     result = trainer.train(train_set)
     print(result)

@@ -54,7 +54,7 @@ def train(argv: Sequence[str]) -> int:
 def evaluate(argv: Sequence[str]) -> int:
     from finetune_kit.evaluate.config import PredictConfig
 
-    sections = [ModelConfig, DataConfig, GenerationConfig, PredictConfig]
+    sections = [ModelConfig, LoraConfig, DataConfig, GenerationConfig, PredictConfig]
     cfg = _parse(argv, sections, "usage: finetune-kit eval config.yaml eval_dataset=NAME output_dir=DIR ...\n"
                                  "Generates on eval_dataset and scores ROUGE/BLEU (LLaMA-Factory's do_predict).\n")
     if cfg is None:
@@ -66,7 +66,7 @@ def evaluate(argv: Sequence[str]) -> int:
 
 
 def export(argv: Sequence[str]) -> int:
-    cfg = _parse(argv, [ModelConfig, ExportConfig],
+    cfg = _parse(argv, [ModelConfig, LoraConfig, ExportConfig],
                  "usage: finetune-kit export --model_name_or_path M --adapter_name_or_path A --export_dir D\n")
     if cfg is None:
         return 0
@@ -81,7 +81,7 @@ def export(argv: Sequence[str]) -> int:
 def api(argv: Sequence[str]) -> int:
     from finetune_kit.serve.config import ServeConfig
 
-    cfg = _parse(argv, [ModelConfig, GenerationConfig, ServeConfig],
+    cfg = _parse(argv, [ModelConfig, LoraConfig, GenerationConfig, ServeConfig],
                  "usage: [API_PORT=8000] finetune-kit api --model_name_or_path M [--adapter_name_or_path A]\n")
     if cfg is None:
         return 0
@@ -94,7 +94,7 @@ def api(argv: Sequence[str]) -> int:
 
 
 def chat(argv: Sequence[str]) -> int:
-    cfg = _parse(argv, [ModelConfig, GenerationConfig],
+    cfg = _parse(argv, [ModelConfig, LoraConfig, GenerationConfig],
                  "usage: finetune-kit chat --model_name_or_path M [--adapter_name_or_path A] [--template T]\n")
     if cfg is None:
         return 0

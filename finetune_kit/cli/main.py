@@ -51,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"finetune-kit {command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. a busy API port or an unwritable output folder
+        if os.environ.get("FINETUNE_KIT_TRACEBACK"):
+            raise
+        print(f"finetune-kit {command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -15,7 +15,7 @@ class RunConfig(StageConfig):
     section = "run"
 
     stage: Literal["sft"] = option("sft", "Training stage; sft for now (pt, dpo, rm, ppo, kto are planned).")
-    do_train: bool = option(True, "Train an adapter.")
+    do_train: bool = option(False, "Train an adapter.")
     do_eval: bool = option(False, "Compute eval loss on eval_dataset or the val_size split.")
     do_predict: bool = option(False, "Generate on eval_dataset and score ROUGE/BLEU (needs predict_with_generate).")
     predict_with_generate: bool = option(False, "Generate text at prediction time (LLaMA-Factory requires it).")
@@ -34,7 +34,10 @@ class RunConfig(StageConfig):
             problems.append("do_predict needs predict_with_generate: true (as in LLaMA-Factory). Fix: add "
                             "predict_with_generate: true")
         if not (self.do_train or self.do_eval or self.do_predict):
-            problems.append("nothing to do: set do_train, do_eval or do_predict to true")
+            problems.append("nothing to do: set do_train: true (or do_predict: true with predict_with_generate: true)")
+        if self.do_eval and not self.do_train:
+            problems.append("do_eval without do_train is not supported yet (eval loss is computed during training). "
+                            "Fix: add do_train: true with val_size or eval_dataset, or use do_predict for ROUGE/BLEU")
         return problems
 
 
@@ -47,7 +50,8 @@ UNSUPPORTED: dict[str, str] = {
     **{k: "DPO and other preference stages are planned" for k in ("pref_beta", "pref_loss", "pref_ftx", "ref_model",
                                                                    "ref_model_adapters", "dpo_label_smoothing",
                                                                    "simpo_gamma", "reward_model", "ppo_epochs")},
-    **{k: "MMLU/CMMLU/C-Eval evaluation is planned" for k in ("task", "task_dir", "n_shot", "lang", "save_dir")},
+    **{k: "MMLU/CMMLU/C-Eval evaluation is planned" for k in ("task", "task_dir", "n_shot", "lang", "save_dir",
+                                                                          "batch_size")},
     **{k: "this adapter variant is planned" for k in ("use_dora", "pissa_init", "pissa_iter", "pissa_convert",
                                                       "loraplus_lr_ratio", "loraplus_lr_embedding", "create_new_adapter",
                                                       "use_llama_pro", "oft_rank", "oft_block_size", "oft_target")},

@@ -16,6 +16,7 @@ TAG_DEFAULTS = {"role_tag": "from", "content_tag": "value", "user_tag": "human",
                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 KNOWN_COLUMNS = set(COLUMN_DEFAULTS) | {"history", "system", "tools", "images", "videos", "audios", "chosen",
                                         "rejected", "kto_tag"}
+USED_COLUMNS = set(COLUMN_DEFAULTS) | {"history", "system"}
 _SOURCES = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name")
 _KEYS = set(_SOURCES) | {"formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags",
                          "file_sha1"}
@@ -53,6 +54,8 @@ class DatasetSpec:
         unknown = sorted(set(entry) - _KEYS)
         problems += [f"'{name}': unknown key '{k}'.{did_you_mean(k, _KEYS)}" for k in unknown]
         unsupported = [k for k in ("om_hub_url", "script_url", "cloud_file_name") if entry.get(k)]
+        if entry.get("ms_hub_url") and not entry.get("hf_hub_url") and not entry.get("file_name"):
+            unsupported.append("ms_hub_url")
         problems += [f"'{name}': '{k}' datasets are not supported yet; download the file and use file_name"
                      for k in unsupported]
         if not any(entry.get(k) for k in _SOURCES):
@@ -66,6 +69,9 @@ class DatasetSpec:
         columns = entry.get("columns", {}) or {}
         bad_cols = sorted(set(columns) - KNOWN_COLUMNS)
         problems += [f"'{name}': unknown columns key '{k}'.{did_you_mean(k, KNOWN_COLUMNS)}" for k in bad_cols]
+        later = sorted(set(columns) & (KNOWN_COLUMNS - USED_COLUMNS))
+        problems += [f"'{name}': the '{k}' column (tools, media or preference data) is not supported yet; remove it "
+                     "from columns" for k in later]
         tags = entry.get("tags", {}) or {}
         bad_tags = sorted(set(tags) - set(TAG_DEFAULTS))
         problems += [f"'{name}': unknown tags key '{k}'.{did_you_mean(k, TAG_DEFAULTS)}" for k in bad_tags]

@@ -64,7 +64,7 @@ class Exporter:
         merged = merged.to("cpu")
         info = {"finetune_kit_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "base_model": model.source.display_name, "adapters": list(model.adapters),
-                "template": model.template.name, "config": self.config.to_dict(),
-                "model_config": model.source.config.to_dict()}
+                "template": model.template.name, "config": self.config.with_(export_dir=str(target)).to_dict(),
+                "model_config": model.source.config.to_saved_dict()}
         return write_export(model, merged, target, shard_gb=self.config.export_size,
                             legacy=self.config.export_legacy_format, info=info)

@@ -41,3 +41,10 @@ class ModelConfig(StageConfig):
 
     def _check(self) -> list[str]:
         return []
+
+    def to_saved_dict(self) -> dict:
+        """``to_dict()`` for files written next to artifacts: the hub token is never saved."""
+        data = self.to_dict()
+        if data.get("hf_hub_token"):
+            data["hf_hub_token"] = "<redacted>"
+        return data

@@ -150,8 +150,8 @@ class LoadedModel:
                     yield seen[len(sent):cut]
                 stopped_early = True
                 break
-            # hold back a tail that could be the start of a stop string
-            safe = len(seen) - _stop_prefix_len(seen, stop)
+            # hold back a tail that could start a stop string, or be half of a character
+            safe = len(seen) - max(_stop_prefix_len(seen, stop), len(seen) - len(seen.rstrip("\ufffd")))
             if safe > len(sent):
                 yield seen[len(sent):safe]
                 sent = seen[:safe]
@@ -184,6 +184,8 @@ class LoadedModel:
             while tokens and tokens[-1] == pad:
                 tokens.pop()
         text = self.tokenizer.decode(tokens, skip_special_tokens=gen.skip_special_tokens)
+        if reason == "length":
+            text = text.rstrip("\ufffd")  # the token limit split a multi-byte character
         cut = _cut_at_stop(text, stop)
         if cut is not None:
             text, reason = text[:cut], "stop"

@@ -69,6 +69,7 @@ class TrainingConfig(StageConfig):
     bf16: bool = option(False, "Train in bfloat16 mixed precision (needs a GPU with bf16).")
     fp16: bool = option(False, "Train in float16 mixed precision (needs a GPU).")
     gradient_checkpointing: bool = option(False, "Recompute activations to save memory.")
+    group_by_length: bool = option(False, "Batch examples of similar length together: less padding, faster steps.")
     seed: int = option(42, "Random seed for data order and initialisation.")
     plot_loss: bool = option(False, "Write training_loss.png (and training_eval_loss.png) to output_dir.")
     report_to: tuple[str, ...] = option(("none",), "Experiment trackers: none, tensorboard, wandb, ...")

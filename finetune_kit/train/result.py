@@ -57,7 +57,7 @@ class TrainResult:
 
         out = Path(output_dir)
         saved = json.loads((out / RUN_CONFIG).read_text())
-        model_cfg = {k: v for k, v in saved["config"]["model"].items() if k != "adapter_name_or_path"}
+        model_cfg = {k: v for k, v in saved["config"]["model"].items() if k not in ("adapter_name_or_path", "hf_hub_token")}
         base = ModelSource.from_config(ModelConfig(**model_cfg))
         state = out / "trainer_state.json"
         history = tuple(json.loads(state.read_text()).get("log_history", [])) if state.is_file() else ()

@@ -10,6 +10,7 @@ from finetune_kit.train.trainer import save_json, tokenizer_for_saving
 
 if TYPE_CHECKING:
     from finetune_kit.data.tokenize import TokenizedDataset
+    from finetune_kit.train.config import TrainingConfig
     from finetune_kit.train.result import TrainResult
     from finetune_kit.train.trainer import LoraTrainer
 
@@ -33,18 +34,26 @@ def training_arguments(trainer: LoraTrainer, has_eval: bool) -> Any:
         save_total_limit=t.save_total_limit, bf16=t.bf16, fp16=t.fp16, seed=t.seed, data_seed=t.seed,
         report_to=list(t.report_to), dataloader_num_workers=t.dataloader_num_workers, disable_tqdm=t.disable_tqdm,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen=True,
-        **_checkpointing_kwarg(t.gradient_checkpointing), **eval_kwargs,
+        **_version_kwargs(t), **eval_kwargs,
     )
 
 
-def _checkpointing_kwarg(enabled: bool) -> dict[str, bool]:
-    """transformers renamed gradient_checkpointing to activation_checkpointing; use whichever this version has."""
+def _version_kwargs(t: TrainingConfig) -> dict[str, Any]:
+    """Arguments whose names differ across transformers 5.x releases, under the name this version has."""
     import inspect
 
     from transformers import TrainingArguments
 
     names = inspect.signature(TrainingArguments.__init__).parameters
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+    kwargs: dict[str, Any] = {
+        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing":
+            t.gradient_checkpointing}
+    if t.group_by_length:
+        if "train_sampling_strategy" in names:
+            kwargs["train_sampling_strategy"] = "group_by_length"
+        else:
+            kwargs["group_by_length"] = True
+    return kwargs
 
 
 def attach_lora(trainer: LoraTrainer) -> Any:
@@ -76,7 +85,7 @@ def attach_lora(trainer: LoraTrainer) -> Any:
 
 
 def run_training(trainer: LoraTrainer, train_set: TokenizedDataset, eval_set: TokenizedDataset | None,
-                 resume: str | None) -> TrainResult:
+                 resume: str | None, *, datasets: tuple[str, ...] = ()) -> TrainResult:
     from transformers import DataCollatorForSeq2Seq, Trainer
 
     from finetune_kit.train.plot import plot_loss
@@ -102,7 +111,7 @@ def run_training(trainer: LoraTrainer, train_set: TokenizedDataset, eval_set: To
             tokenizer.save_pretrained(out)
             hf.save_state()
             save_json(out / "train_results.json", metrics)
-            save_json(out / "finetune_kit_config.json", trainer.run_config())
+            save_json(out / "finetune_kit_config.json", trainer.run_config(datasets))
         plots: tuple[Path, ...] = ()
         if trainer.training.plot_loss and hf.is_world_process_zero():
             plots = tuple(plot_loss(hf.state.log_history, out))

@@ -142,7 +142,7 @@ class LoraTrainer:
         out = Path(self.training.output_dir)
         resume = self._resume_point(out)
         return run_training(self, self._tokenized(data), self._tokenized(eval_data) if eval_data is not None else None,
-                            resume)
+                            resume, datasets=tuple(getattr(data, "names", ())))
 
     def _resume_point(self, out: Path) -> str | None:
         t = self.training
@@ -163,13 +163,13 @@ class LoraTrainer:
         raise OutputExistsError(f"output_dir {out} already exists and is not empty. Fix: choose a new output_dir, or "
                                 "set overwrite_output_dir: true to write over it")
 
-    def run_config(self) -> dict[str, Any]:
+    def run_config(self, datasets: tuple[str, ...] = ()) -> dict[str, Any]:
         """Everything needed to reproduce the run, saved as finetune_kit_config.json."""
         from finetune_kit import __version__
 
         return {"finetune_kit_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "base_model": self.model.source.display_name,
-                "config": {"model": self.model.source.config.to_dict(), "data": self.data.to_dict(),
+                "base_model": self.model.source.display_name, "datasets": list(datasets),
+                "config": {"model": self.model.source.config.to_saved_dict(), "data": self.data.to_dict(),
                            "lora": self.lora.to_dict(), "training": self.training.to_dict()},
                 "resolved": {"lora_target": self.target_modules(), "lora_alpha": self.lora.alpha,
                              "template": self.model.template.name}}
