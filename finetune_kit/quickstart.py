@@ -20,8 +20,8 @@ class QuickstartConfig(StageConfig):
     section = "quickstart"
 
     output_dir: str | None = option(None, "Where everything goes (default: ./quickstart_output/run-<time>).")
-    num_train_epochs: float = option(3.0, "Epochs over the demo training data.")
-    learning_rate: float = option(1e-3, "LoRA learning rate.")
+    num_train_epochs: float = option(4.0, "Epochs over the demo training data.")
+    learning_rate: float = option(2e-3, "LoRA learning rate.")
     lora_rank: int = option(8, "LoRA rank.")
     per_device_train_batch_size: int = option(8, "Training batch size.")
     max_new_tokens: int = option(64, "Longest generated answer when predicting.")
@@ -84,8 +84,8 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
 
     _step(8, "Chat with the merged model")
     merged = exported.load()
-    question = "你们包邮吗？"
-    print(f"User: {question}\nAssistant: {merged.chat(question, generation=generation)}")
+    for question in ("运费多少钱？", "Do you offer free shipping?"):
+        print(f"User: {question}\nAssistant: {merged.chat(question, generation=generation)}")
 
     minutes = (time.time() - start) / 60
     print(f"\nDone in {minutes:.1f} min. Everything is under {out}:")
@@ -95,5 +95,5 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
     print("\nServe it with an OpenAI-compatible API:")
     print(f"  API_PORT=8000 finetune-kit api --model_name_or_path {out / 'merged'} --template {cfg.template}")
     print('  curl http://localhost:8000/v1/chat/completions -H "Content-Type: application/json" '
-          "-d '{\"model\": \"shop\", \"messages\": [{\"role\": \"user\", \"content\": \"你们包邮吗？\"}]}'")
+          "-d '{\"model\": \"shop\", \"messages\": [{\"role\": \"user\", \"content\": \"运费多少钱？\"}]}'")
     return out
