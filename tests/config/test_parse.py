@@ -177,7 +177,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_reports_every_problem_without_a_traceback():
     predict_config()
-    out = cli("train", "--bogus", "1", "--deepspeed", "x.json", "learning_rate=abc",
+    out = cli("train", "do_train=true", "--bogus", "1", "--deepspeed", "x.json", "learning_rate=abc",
               "model_name_or_path=bundled:smollm2-135m-instruct")
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr
