@@ -140,18 +140,8 @@ class ModelSource:
 
         kwargs = dict(repo_id=self.location, revision=self.config.model_revision, cache_dir=self.config.cache_dir,
                       token=self.config.hf_hub_token)
-        try:
-            return Path(snapshot_download(local_files_only=True, **kwargs))
-        except Exception:  # not cached (huggingface_hub raises several types here)
-            pass
-        try:
-            return Path(snapshot_download(**kwargs))
-        except Exception as exc:
-            raise ModelNotFoundError(
-                f"cannot get {self.location!r} from the Hugging Face Hub: it is not in the local cache "
-                f"({self.config.cache_dir or 'HF_HOME'}) and the hub could not be reached "
-                f"({type(exc).__name__}). Fix: {_HUB_HINT.format(id=self.location)}"
-            ) from exc
+        return self._cache_then_hub(snapshot_download, kwargs, "the Hugging Face Hub", "HF_HOME",
+                                    _HUB_HINT.format(id=self.location))
 
     def _resolve_modelscope(self) -> Path:
         try:
@@ -163,19 +153,24 @@ class ModelSource:
         kwargs = dict(model_id=self.location, cache_dir=self.config.cache_dir)
         if self.config.model_revision not in ("main", "master"):
             kwargs["revision"] = self.config.model_revision
+        return self._cache_then_hub(snapshot_download, kwargs, "ModelScope", "MODELSCOPE_CACHE",
+                                    "pass a local path, or download it where ModelScope is reachable")
+
+    def _cache_then_hub(self, download: Any, kwargs: dict[str, Any], hub: str, cache_env: str, fix: str) -> Path:
+        """The local cache first; then the hub unless HF_HUB_OFFLINE is set; else an error naming the fix."""
         try:
-            return Path(snapshot_download(local_files_only=True, **kwargs))
-        except Exception as exc:
+            return Path(download(local_files_only=True, **kwargs))
+        except Exception as exc:  # not cached (the hub libraries raise several types here)
             cached_error: Exception = exc
         try:
             if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-                raise cached_error  # offline: don't spend ~20 s in network retries
-            return Path(snapshot_download(**kwargs))
+                raise cached_error  # offline: don't spend time in network retries
+            return Path(download(**kwargs))
         except Exception as exc:
             raise ModelNotFoundError(
-                f"cannot get {self.location!r} from ModelScope: it is not in the local cache "
-                f"({self.config.cache_dir or 'MODELSCOPE_CACHE'}) and the hub could not be reached "
-                f"({type(exc).__name__}). Fix: pass a local path, or download it where ModelScope is reachable"
+                f"cannot get {self.location!r} from {hub}: it is not in the local cache "
+                f"({self.config.cache_dir or cache_env}) and the hub could not be reached "
+                f"({type(exc).__name__}). Fix: {fix}"
             ) from exc
 
     def load(self, **changes: Any) -> LoadedModel:
