@@ -35,6 +35,13 @@ def encode_conversation(messages: list[dict[str, str]], tokenizer: Any, template
                         cutoff_len: int, train_on_prompt: bool = False,
                         mask_history: bool = False) -> tuple[list[int], list[int]]:
     """Encode one conversation turn by turn within ``cutoff_len`` tokens; return ids and labels."""
+    ids, labels, _ = _encode(messages, tokenizer, template, cutoff_len, train_on_prompt, mask_history)
+    return ids, labels
+
+
+def _encode(messages: list[dict[str, str]], tokenizer: Any, template: ChatTemplate, cutoff_len: int,
+            train_on_prompt: bool, mask_history: bool) -> tuple[list[int], list[int], int]:
+    """:func:`encode_conversation` plus the untruncated length (to count truncated examples)."""
     pieces = template.segments(messages, tokenizer)
     pairs = [(tokenizer.encode(pieces[i][0], add_special_tokens=False),
               tokenizer.encode(pieces[i + 1][0], add_special_tokens=False)) for i in range(0, len(pieces) - 1, 2)]
@@ -60,7 +67,7 @@ def encode_conversation(messages: list[dict[str, str]], tokenizer: Any, template
         else:
             input_ids += source + target
             labels += source_labels + target_labels
-    return input_ids, labels
+    return input_ids, labels, sum(len(src) + len(tgt) for src, tgt in pairs)
 
 
 @dataclass(frozen=True)
@@ -103,11 +110,9 @@ def tokenize(conversations: Conversations, tokenizer: Any, template: ChatTemplat
     ids, labels, truncated = [], [], 0
     for ex in conversations.examples:
         try:
-            x, y = encode_conversation(list(ex.messages), tokenizer, template, cutoff_len=cutoff_len,
-                                       train_on_prompt=train_on_prompt, mask_history=mask_history)
+            x, y, full = _encode(list(ex.messages), tokenizer, template, cutoff_len, train_on_prompt, mask_history)
         except Exception as exc:
             raise DatasetError(f"{ex.source}: cannot encode this conversation: {exc}") from exc
-        full = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t, _ in template.segments(list(ex.messages), tokenizer))
         truncated += full > len(x)
         ids.append(x)
         labels.append(y)
