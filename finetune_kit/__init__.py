@@ -19,30 +19,41 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from finetune_kit._version import __version__
 
 _EXPORTS = {
     "Environment": "finetune_kit.environment",
     "ModelSource": "finetune_kit.models.source",
+    "LoadPlan": "finetune_kit.models.loader",
     "LoadedModel": "finetune_kit.models.loaded",
+    "Completion": "finetune_kit.models.engine",
+    "Engine": "finetune_kit.models.engine",
     "ModelConfig": "finetune_kit.models.config",
     "GenerationConfig": "finetune_kit.models.generation",
+    "ChatTemplate": "finetune_kit.data.template",
     "DatasetRegistry": "finetune_kit.data.registry",
     "Conversations": "finetune_kit.data.conversations",
+    "Example": "finetune_kit.data.conversations",
     "DataConfig": "finetune_kit.data.config",
+    "EncodingConfig": "finetune_kit.data.config",
+    "TokenizedDataset": "finetune_kit.data.tokenize",
     "LoraTrainer": "finetune_kit.train.trainer",
     "LoraConfig": "finetune_kit.train.config",
     "TrainingConfig": "finetune_kit.train.config",
     "TrainResult": "finetune_kit.train.result",
     "Evaluator": "finetune_kit.evaluate.evaluator",
     "EvalReport": "finetune_kit.evaluate.evaluator",
+    "PredictConfig": "finetune_kit.evaluate.config",
     "Exporter": "finetune_kit.export.exporter",
     "ExportConfig": "finetune_kit.export.config",
-    "ExportedModel": "finetune_kit.export.merge",
+    "ExportedModel": "finetune_kit.export.result",
     "Server": "finetune_kit.serve.server",
+    "ServerHandle": "finetune_kit.serve.server",
     "ServeConfig": "finetune_kit.serve.config",
     "FinetuneKitError": "finetune_kit.errors",
+    "FinetuneKitWarning": "finetune_kit.errors",
     "ConfigError": "finetune_kit.errors",
+    "UnknownKeysError": "finetune_kit.errors",
     "DatasetError": "finetune_kit.errors",
     "DatasetRowError": "finetune_kit.errors",
     "ModelNotFoundError": "finetune_kit.errors",
@@ -50,14 +61,17 @@ _EXPORTS = {
     "MissingDependencyError": "finetune_kit.errors",
     "OutputExistsError": "finetune_kit.errors",
     "TemplateError": "finetune_kit.errors",
+    "RequestError": "finetune_kit.errors",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from finetune_kit.data.config import DataConfig
-    from finetune_kit.data.conversations import Conversations
+    from finetune_kit.data.config import DataConfig, EncodingConfig
+    from finetune_kit.data.conversations import Conversations, Example
     from finetune_kit.data.registry import DatasetRegistry
+    from finetune_kit.data.template import ChatTemplate
+    from finetune_kit.data.tokenize import TokenizedDataset
     from finetune_kit.environment import Environment
     from finetune_kit.errors import (
         ConfigError,
@@ -65,21 +79,27 @@ if TYPE_CHECKING:
         DatasetRowError,
         EnvironmentCheckError,
         FinetuneKitError,
+        FinetuneKitWarning,
         MissingDependencyError,
         ModelNotFoundError,
         OutputExistsError,
+        RequestError,
         TemplateError,
+        UnknownKeysError,
     )
+    from finetune_kit.evaluate.config import PredictConfig
     from finetune_kit.evaluate.evaluator import EvalReport, Evaluator
     from finetune_kit.export.config import ExportConfig
     from finetune_kit.export.exporter import Exporter
-    from finetune_kit.export.merge import ExportedModel
+    from finetune_kit.export.result import ExportedModel
     from finetune_kit.models.config import ModelConfig
+    from finetune_kit.models.engine import Completion, Engine
     from finetune_kit.models.generation import GenerationConfig
     from finetune_kit.models.loaded import LoadedModel
+    from finetune_kit.models.loader import LoadPlan
     from finetune_kit.models.source import ModelSource
     from finetune_kit.serve.config import ServeConfig
-    from finetune_kit.serve.server import Server
+    from finetune_kit.serve.server import Server, ServerHandle
     from finetune_kit.train.config import LoraConfig, TrainingConfig
     from finetune_kit.train.result import TrainResult
     from finetune_kit.train.trainer import LoraTrainer

@@ -74,6 +74,19 @@ class TemplateError(FinetuneKitError, ValueError):
     """A chat template is unknown or cannot encode the given conversation."""
 
 
+class RequestError(FinetuneKitError, ValueError):
+    """An HTTP request the server cannot serve; sent as an OpenAI-shaped error body with ``status``."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        """``{"error": {"message", "type", "param", "code"}}``, as the OpenAI API answers."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
 class FinetuneKitWarning(UserWarning):
     """Warnings emitted by finetune_kit (the test-suite turns them into errors)."""
 

@@ -36,7 +36,7 @@ def _step(n: int, title: str) -> None:
 def run_quickstart(cfg: QuickstartConfig) -> Path:
     """Run the quickstart and return its output folder."""
     from finetune_kit import DatasetRegistry, Environment, Evaluator, Exporter, LoraTrainer, ModelSource
-    from finetune_kit.models.generation import GREEDY
+    from finetune_kit.models.generation import DEFAULT_GENERATION
 
     start = time.time()
     out = Path(cfg.output_dir or Path("quickstart_output") / time.strftime("run-%Y%m%d-%H%M%S")).absolute()
@@ -55,7 +55,7 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
     test_set = registry.load("shop_test")
     print(f"train: {train_set}\ntest:  {test_set}")
 
-    generation = GREEDY.with_(max_new_tokens=cfg.max_new_tokens)
+    generation = DEFAULT_GENERATION.with_(max_new_tokens=cfg.max_new_tokens)
     _step(4, "Predict on the test split with the base model")
     before = Evaluator(model, generation=generation).predict(test_set, output_dir=out / "predict_before")
     print(before.table())
@@ -64,18 +64,18 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
     trainer = (LoraTrainer(model)
                .with_lora(lora_rank=cfg.lora_rank, lora_target="all")
                .with_data(cutoff_len=256)
-               .with_training(output_dir=str(out / "lora"), learning_rate=cfg.learning_rate,
+               .with_training(output_dir=out / "lora", learning_rate=cfg.learning_rate,
                               num_train_epochs=cfg.num_train_epochs,
                               per_device_train_batch_size=cfg.per_device_train_batch_size,
                               lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=5, save_steps=10_000,
                               group_by_length=True, plot_loss=True, seed=cfg.seed))
-    print(trainer.explain(train_set), flush=True)
-    result = trainer.train(train_set)
+    tokens = trainer.tokenize(train_set)
+    print(trainer.explain(tokens), flush=True)
+    result = trainer.train(tokens)
     print(result)
 
-    _step(6, "Predict again with the fine-tuned adapter")
-    tuned = result.load()
-    after = Evaluator(tuned, generation=generation).predict(test_set, output_dir=out / "predict_after")
+    _step(6, "Predict again with the fine-tuned adapter (the trained model, still in memory)")
+    after = Evaluator(result, generation=generation).predict(test_set, output_dir=out / "predict_after")
     print(after.compare(before))
 
     _step(7, "Merge the adapter into the base model")

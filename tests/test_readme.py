@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -71,10 +72,24 @@ def shell_commands(path: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------ the README example
+# Counts the weight loads of the example (conversions of the bundled GGUF file into the cache aside).
+LOAD_COUNTER = """\
+import atexit, json, transformers
+_loads = []
+_real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+def _counting(cls, path, *args, **kwargs):
+    if "gguf_file" not in kwargs:
+        _loads.append(str(path))
+    return _real(cls, path, *args, **kwargs)
+transformers.AutoModelForCausalLM.from_pretrained = classmethod(_counting)
+atexit.register(lambda: print("MODEL LOADS: " + json.dumps(_loads)))
+"""
+
+
 @pytest.mark.slow
 def test_readme_chain_example_runs_as_written(tmp_path: Path) -> None:
     script = tmp_path / "readme_example.py"
-    script.write_text(example_code(README), encoding="utf-8")
+    script.write_text(LOAD_COUNTER + example_code(README), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=1800)
@@ -87,6 +102,9 @@ def test_readme_chain_example_runs_as_written(tmp_path: Path) -> None:
     assert (work / "predict" / "predict_results.json").is_file()
     assert (work / "merged" / "finetune_kit_export.json").is_file()
     assert "rouge-1" in proc.stdout and "TrainResult(" in proc.stdout
+    # the base model is read from disk once; the merged folder once, to check it loads on its own
+    loads = json.loads(proc.stdout.split("MODEL LOADS: ", 1)[1].splitlines()[0])
+    assert len(loads) == 2 and sum("merged" in p for p in loads) == 1, loads
 
 
 def test_the_chinese_readme_runs_the_same_code() -> None:
@@ -190,7 +208,7 @@ def test_cli_doc_key_table_covers_every_accepted_key() -> None:
 
 
 def test_cli_doc_lists_every_unsupported_key() -> None:
-    from finetune_kit.config.run import UNSUPPORTED
+    from finetune_kit.config.compat import UNSUPPORTED
 
     text = CLI_DOC.read_text(encoding="utf-8")
     section = text.split("## Keys that are not supported yet", 1)[1].split("\n## ", 1)[0]
@@ -224,8 +242,8 @@ def test_documented_command_is_accepted_by_the_parser(where: str, command: str, 
     from finetune_kit.cli import commands, main
     from finetune_kit.config import parse
 
-    def build_then_stop(values, sections):
-        raise _Parsed(parse.build(values, sections))
+    def build_then_stop(values, sections, **kwargs):
+        raise _Parsed(parse.build(values, sections, **kwargs))
 
     monkeypatch.setattr(commands, "build", build_then_stop)
     monkeypatch.setenv("FINETUNE_KIT_TRACEBACK", "1")  # a config error raises instead of printing

@@ -1,26 +1,32 @@
-"""The handlers behind each ``finetune-kit`` command."""
+"""The ``finetune-kit`` commands: one table gives each its summary, its config sections and its handler."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from finetune_kit._version import __version__
 from finetune_kit.config.base import StageConfig
-from finetune_kit.config.parse import build, collect, describe
+from finetune_kit.config.parse import Built, Check, build, collect, describe
 from finetune_kit.config.run import RunConfig
-from finetune_kit.data.config import DataConfig
+from finetune_kit.data.config import DataConfig, EncodingConfig
+from finetune_kit.evaluate.config import PredictConfig
 from finetune_kit.export.config import ExportConfig
 from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.generation import GenerationConfig
+from finetune_kit.quickstart import QuickstartConfig
+from finetune_kit.serve.config import ServeConfig
 from finetune_kit.train.config import LoraConfig, TrainingConfig
 
 
-def _parse(argv: Sequence[str], sections: list[type[StageConfig]], usage: str) -> dict[Any, Any] | None:
+def _parse(argv: Sequence[str], command: Command) -> Built | None:
     if "-h" in argv or "--help" in argv:
-        print(usage + describe(sections))
+        print(f"usage: finetune-kit {command.usage}\n{command.summary}." + describe(command.sections))
         return None
-    return build(collect(argv), sections)
+    return build(collect(argv), command.sections, checks=command.checks)
 
 
 def env(argv: Sequence[str]) -> int:
@@ -31,99 +37,138 @@ def env(argv: Sequence[str]) -> int:
 
 
 def version(argv: Sequence[str]) -> int:
-    from finetune_kit import __version__
-
     print(__version__)
     return 0
 
 
 def train(argv: Sequence[str]) -> int:
-    from finetune_kit.evaluate.config import PredictConfig
-
-    sections = [RunConfig, ModelConfig, DataConfig, LoraConfig, TrainingConfig, GenerationConfig, PredictConfig]
-    cfg = _parse(argv, sections, "usage: finetune-kit train config.yaml [key=value ...] [--key value ...]\n")
-    if cfg is None:
-        return 0
     from finetune_kit.cli.workflows import run_train
 
-    run_train(cfg[RunConfig], cfg[ModelConfig], cfg[DataConfig], cfg[LoraConfig], cfg[TrainingConfig],
-              cfg[GenerationConfig], cfg[PredictConfig])
+    cfg = _parse(argv, COMMANDS["train"])
+    if cfg is not None:
+        run_train(cfg[RunConfig], cfg[ModelConfig], cfg[DataConfig], cfg[EncodingConfig],  # type: ignore[arg-type]
+                  cfg[LoraConfig], cfg[TrainingConfig], cfg[GenerationConfig], cfg[PredictConfig])  # type: ignore[arg-type]
     return 0
 
 
 def evaluate(argv: Sequence[str]) -> int:
-    from finetune_kit.evaluate.config import PredictConfig
-
-    sections = [ModelConfig, LoraConfig, DataConfig, GenerationConfig, PredictConfig]
-    cfg = _parse(argv, sections, "usage: finetune-kit eval config.yaml eval_dataset=NAME output_dir=DIR ...\n"
-                                 "Generates on eval_dataset and scores ROUGE/BLEU (LLaMA-Factory's do_predict).\n")
-    if cfg is None:
-        return 0
     from finetune_kit.cli.workflows import run_predict
 
-    run_predict(cfg[ModelConfig], cfg[DataConfig], cfg[GenerationConfig], cfg[PredictConfig])
+    cfg = _parse(argv, COMMANDS["eval"])
+    if cfg is not None:
+        run_predict(cfg[ModelConfig], cfg[DataConfig], cfg[GenerationConfig], cfg[PredictConfig])  # type: ignore[arg-type]
     return 0
 
 
 def export(argv: Sequence[str]) -> int:
-    cfg = _parse(argv, [ModelConfig, LoraConfig, ExportConfig],
-                 "usage: finetune-kit export --model_name_or_path M --adapter_name_or_path A --export_dir D\n")
-    if cfg is None:
-        return 0
     from finetune_kit.export.exporter import Exporter
     from finetune_kit.models.source import ModelSource
 
-    exported = Exporter(ModelSource.from_config(cfg[ModelConfig]), cfg[ExportConfig]).merge()
-    print(f"Merged model written to {exported.export_dir} ({', '.join(exported.files)})")
+    cfg = _parse(argv, COMMANDS["export"])
+    if cfg is not None:
+        exported = Exporter(ModelSource.from_config(cfg[ModelConfig]), cfg[ExportConfig]).merge()  # type: ignore[arg-type]
+        print(f"Merged model written to {exported.export_dir} ({', '.join(exported.files)})")
     return 0
 
 
 def api(argv: Sequence[str]) -> int:
-    from finetune_kit.serve.config import ServeConfig
-
-    cfg = _parse(argv, [ModelConfig, LoraConfig, GenerationConfig, ServeConfig],
-                 "usage: [API_PORT=8000] finetune-kit api --model_name_or_path M [--adapter_name_or_path A]\n")
-    if cfg is None:
-        return 0
     from finetune_kit.models.source import ModelSource
     from finetune_kit.serve.server import Server
 
-    model = ModelSource.from_config(cfg[ModelConfig]).load()
-    Server(model, config=cfg[ServeConfig], generation=cfg[GenerationConfig]).run()
+    cfg = _parse(argv, COMMANDS["api"])
+    if cfg is not None:
+        model = ModelSource.from_config(cfg[ModelConfig]).load()  # type: ignore[arg-type]
+        Server(model, config=cfg[ServeConfig], generation=cfg[GenerationConfig]).run()  # type: ignore[arg-type]
     return 0
 
 
 def chat(argv: Sequence[str]) -> int:
-    cfg = _parse(argv, [ModelConfig, LoraConfig, GenerationConfig],
-                 "usage: finetune-kit chat --model_name_or_path M [--adapter_name_or_path A] [--template T]\n")
-    if cfg is None:
-        return 0
     from finetune_kit.cli.workflows import run_chat
 
-    run_chat(cfg[ModelConfig], cfg[GenerationConfig])
+    cfg = _parse(argv, COMMANDS["chat"])
+    if cfg is not None:
+        run_chat(cfg[ModelConfig], cfg[GenerationConfig])  # type: ignore[arg-type]
     return 0
 
 
 def quickstart(argv: Sequence[str]) -> int:
-    from finetune_kit.quickstart import QuickstartConfig, run_quickstart
+    from finetune_kit.quickstart import run_quickstart
 
-    cfg = _parse(argv, [QuickstartConfig], "usage: finetune-kit quickstart [--output_dir DIR] [--num_train_epochs N]\n")
-    if cfg is None:
-        return 0
-    run_quickstart(cfg[QuickstartConfig])
+    cfg = _parse(argv, COMMANDS["quickstart"])
+    if cfg is not None:
+        run_quickstart(cfg[QuickstartConfig])  # type: ignore[arg-type]
     return 0
 
 
 def data(argv: Sequence[str]) -> int:
+    from finetune_kit.cli.workflows import run_data_check
+
     if not argv or argv[0] != "check":
-        print("usage: finetune-kit data check DATASET_DIR [--dataset a,b]")
+        print(f"usage: finetune-kit {COMMANDS['data'].usage}")
         return 2
     rest = list(argv[1:])
     if rest and not rest[0].startswith("-") and "=" not in rest[0] and Path(rest[0]).is_dir():
         rest = [f"dataset_dir={rest[0]}", *rest[1:]]
-    cfg = _parse(rest, [DataConfig], "usage: finetune-kit data check DATASET_DIR [--dataset a,b]\n")
-    if cfg is None:
-        return 0
-    from finetune_kit.cli.workflows import run_data_check
+    cfg = _parse(rest, COMMANDS["data"])
+    return 0 if cfg is None else run_data_check(cfg[DataConfig])  # type: ignore[arg-type]
 
-    return run_data_check(cfg[DataConfig])
+
+def _train_checks(built: Built) -> list[str]:
+    from finetune_kit.cli.workflows import train_checks
+
+    return train_checks(built)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``finetune-kit`` command: what ``--help`` and the usage list say, what it parses, what runs."""
+
+    usage: str
+    summary: str
+    run: Callable[[Sequence[str]], int]
+    sections: tuple[type[StageConfig], ...] = ()
+    checks: tuple[Check, ...] = ()
+
+
+COMMANDS: dict[str, Command] = {
+    "env": Command("env", "print Python, torch, CUDA, GPUs and library versions", env),
+    "train": Command("train config.yaml [key=value ...] [--key value ...]",
+                     "LoRA SFT (and do_predict) from an LLaMA-Factory-style YAML", train,
+                     (RunConfig, ModelConfig, DataConfig, EncodingConfig, LoraConfig, TrainingConfig,
+                      GenerationConfig, PredictConfig), (_train_checks,)),
+    "eval": Command("eval config.yaml eval_dataset=NAME output_dir=DIR ...",
+                    "generate on eval_dataset and score ROUGE/BLEU (predict)", evaluate,
+                    (ModelConfig, LoraConfig, DataConfig, GenerationConfig, PredictConfig)),
+    "export": Command("export --model_name_or_path M --adapter_name_or_path A --export_dir D",
+                      "merge a LoRA adapter into its base model (export_dir, export_size)", export,
+                      (ModelConfig, LoraConfig, ExportConfig)),
+    "api": Command("api --model_name_or_path M [--adapter_name_or_path A]   (API_HOST, API_PORT, API_KEY)",
+                   "serve an OpenAI-compatible API (API_HOST, API_PORT, API_KEY)", api,
+                   (ModelConfig, LoraConfig, GenerationConfig, ServeConfig)),
+    "chat": Command("chat --model_name_or_path M [--adapter_name_or_path A] [--template T]",
+                    "chat in the terminal (type 'clear' to reset, 'exit' to quit)", chat,
+                    (ModelConfig, LoraConfig, GenerationConfig)),
+    "quickstart": Command("quickstart [--output_dir DIR] [--num_train_epochs N]",
+                          "the whole workflow offline on the bundled model", quickstart, (QuickstartConfig,)),
+    "data": Command("data check DATASET_DIR [--dataset a,b]",
+                    "check every row of the datasets in a dataset_dir", data, (DataConfig,)),
+    "version": Command("version", "print the version", version),
+}
+
+
+def usage() -> str:
+    """The top-level usage text, from :data:`COMMANDS`."""
+    width = max(len(n) for n in COMMANDS) + 3
+    lines = [f"  {(name + ' check') if name == 'data' else name:<{width + 3}}{c.summary}" for name, c in COMMANDS.items()]
+    return ("usage: finetune-kit <command> [config.yaml] [key=value ...] [--key value ...]\n\ncommands:\n"
+            + "\n".join(lines) + "\n\n`finetune-kit <command> --help` lists the keys a command accepts.")
+
+
+def configure_logging() -> None:
+    """Notes from the library (``finetune_kit.*`` loggers, INFO and up) go to stderr, one line each."""
+    logger = logging.getLogger("finetune_kit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[finetune_kit] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

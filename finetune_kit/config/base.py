@@ -8,11 +8,12 @@ listing all problems, so a bad value fails at the call that set it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
-from finetune_kit.errors import ConfigError
+from finetune_kit.errors import ConfigError, did_you_mean
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -53,8 +54,6 @@ class StageConfig:
         """Return a copy with ``changes`` applied (validated again)."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            from finetune_kit.errors import did_you_mean
-
             names = [f.name for f in dataclasses.fields(self)]
             raise ConfigError(
                 [f"unknown key '{k}' for {type(self).__name__}.{did_you_mean(k, names)}" for k in unknown]
@@ -125,8 +124,6 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
             for a in allowed:
                 if isinstance(a, str) and a.lower() == value.strip().lower():
                     return a
-        from finetune_kit.errors import did_you_mean
-
         hint = did_you_mean(str(value), [str(a) for a in allowed])
         raise ValueError(f"{name}: got {value!r}; expected one of {', '.join(map(repr, allowed))}.{hint}")
     if origin is tuple:
@@ -173,6 +170,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ValueError(f"{name}: got {value!r}; expected a string")

@@ -8,15 +8,20 @@ reported together, each with a hint, before anything runs.
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from finetune_kit.config.base import StageConfig
-from finetune_kit.config.run import UNSUPPORTED
+from finetune_kit.config.base import _FALSE, _NONE, StageConfig
+from finetune_kit.config.compat import IGNORED, ONLY_FALSE, UNSUPPORTED
 from finetune_kit.errors import ConfigError, UnknownKeysError, did_you_mean
+
+logger = logging.getLogger("finetune_kit.config")
+Built = dict[type[StageConfig], StageConfig]
+Check = Callable[[Built], list[str]]
 
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
@@ -80,29 +85,53 @@ def collect(argv: Sequence[str]) -> dict[str, Any]:
     return values
 
 
-def build(values: Mapping[str, Any], sections: Sequence[type[StageConfig]]) -> dict[type[StageConfig], StageConfig]:
-    """Build one config per section from flat ``values``; report unknown keys and bad values together."""
+def build(values: Mapping[str, Any], sections: Sequence[type[StageConfig]], *,
+          checks: Sequence[Check] = ()) -> Built:
+    """Build one config per section from flat ``values``; report every problem together.
+
+    Unknown keys (with a did-you-mean), unsupported LLaMA-Factory keys, bad values of every
+    section and the cross-section ``checks`` (run on the built sections) all land in one
+    :class:`ConfigError`. Keys in the compatibility table of ignored keys are dropped with a note.
+    """
     known = {f.name for cls in sections for f in fields(cls)}
     problems: list[str] = []
+    values = dict(values)
+    for key in [k for k in values if k not in known]:
+        if key in IGNORED:
+            logger.info("'%s' is accepted for LLaMA-Factory compatibility and ignored: %s", key, IGNORED[key])
+            del values[key]
+        elif key in ONLY_FALSE and _is_false(values[key]):
+            del values[key]
     unknown = [k for k in values if k not in known]
-    unsupported = [k for k in unknown if k in UNSUPPORTED]
-    typos = [k for k in unknown if k not in UNSUPPORTED]
+    typos = [k for k in unknown if k not in UNSUPPORTED and k not in ONLY_FALSE]
     for k in typos:
         problems.append(f"unknown key '{k}'.{did_you_mean(k, known)}")
-    for k in unsupported:
-        problems.append(f"'{k}' is a LLaMA-Factory key that finetune_kit does not support yet ({UNSUPPORTED[k]}). "
-                        "Fix: remove it")
-    built: dict[type[StageConfig], StageConfig] = {}
+    for k in unknown:
+        if k in ONLY_FALSE:
+            problems.append(f"{k}: true is not supported yet ({ONLY_FALSE[k]}). Fix: remove it or set {k}: false")
+        elif k in UNSUPPORTED:
+            problems.append(f"'{k}' is a LLaMA-Factory key that finetune_kit does not support yet "
+                            f"({UNSUPPORTED[k]}). Fix: remove it")
+    built: Built = {}
     for cls in sections:
         names = {f.name for f in fields(cls)}
         try:
             built[cls] = cls(**{k: v for k, v in values.items() if k in names})
         except ConfigError as exc:
             problems += [p for p in exc.problems if p not in problems]
+    if len(built) == len(sections):
+        for check in checks:
+            problems += [p for p in check(built) if p not in problems]
     if problems:
-        cls_err = UnknownKeysError if (typos or unsupported) else ConfigError
+        cls_err = UnknownKeysError if unknown else ConfigError
         raise cls_err(problems, header="Invalid configuration")
     return built
+
+
+def _is_false(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in _FALSE | _NONE
+    return value is None or value is False
 
 
 def describe(sections: Sequence[type[StageConfig]]) -> str:
@@ -114,5 +143,5 @@ def describe(sections: Sequence[type[StageConfig]]) -> str:
             default = f.default if f.default is not MISSING else (
                 f.default_factory() if f.default_factory is not MISSING else None)
             default = ",".join(default) if isinstance(default, tuple) else default
-            lines.append(f"  --{f.name:<34} {f.metadata.get('help', '')} [default: {default}]")
+            lines.append(f"  --{f.name:<34} {cls.help_of(f.name)} [default: {default}]")
     return "\n".join(lines)

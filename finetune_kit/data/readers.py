@@ -1,14 +1,79 @@
-"""Reading rows from dataset files: json, jsonl, csv, parquet, arrow (a file or a folder of them)."""
+"""Reading datasets: rows from files (json, jsonl, csv, parquet, arrow; a file or a folder of them)
+or from the Hugging Face Hub, converted by their format into checked :class:`Example` objects."""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
-from finetune_kit.errors import DatasetError
+from finetune_kit.data.conversations import Example
+from finetune_kit.data.formats import FORMATS
+from finetune_kit.data.spec import DatasetSpec
+from finetune_kit.errors import DatasetError, DatasetRowError
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def read_dataset(spec: DatasetSpec, dataset_dir: Path, max_samples: int | None) -> list[Example]:
+    """Read, convert and check the rows of one dataset (first ``max_samples`` rows if given).
+
+    A relative ``file_name`` is read from ``dataset_dir``; without one, rows come from ``hf_hub_url``.
+    ``num_samples`` is applied before ``max_samples``, as in LLaMA-Factory.
+    """
+    convert = FORMATS[spec.formatting]
+    if spec.file_name:
+        path = Path(spec.file_name)
+        rows = read_rows(path if path.is_absolute() else dataset_dir / path)
+    else:
+        rows = _read_hub(spec)
+    if spec.num_samples is not None:
+        rows = _sample(rows, spec.num_samples)
+    if max_samples is not None:
+        rows = rows[:max_samples]
+    if not rows:
+        raise DatasetError(f"dataset '{spec.name}' has no rows")
+    return [Example(tuple(convert(row, spec, (file, i))), f"{file}, row {i}") for file, i, row in rows]
+
+
+def check_dataset(spec: DatasetSpec, dataset_dir: Path) -> tuple[int, list[str]]:
+    """Check every row of a dataset file; return the row count and one message per bad row.
+
+    Hub datasets give ``(0, [])``: they are read, and checked, when loaded.
+    """
+    convert = FORMATS[spec.formatting]
+    path = Path(spec.file_name) if spec.file_name else None
+    if path is None:
+        return 0, []
+    rows = read_rows(path if path.is_absolute() else dataset_dir / path)
+    errors = []
+    for file, i, row in rows:
+        try:
+            convert(row, spec, (file, i))
+        except DatasetRowError as exc:
+            errors.append(str(exc))
+    return len(rows), errors
+
+
+def _sample(rows: list[Any], n: int) -> list[Any]:
+    """LLaMA-Factory's num_samples: a random subset, or all rows plus random repeats when n is larger."""
+    rng = random.Random(0)
+    if n <= len(rows):
+        return rng.sample(rows, n)
+    return rows + [rng.choice(rows) for _ in range(n - len(rows))]
+
+
+def _read_hub(spec: DatasetSpec) -> list[tuple[str, int, Any]]:
+    import datasets
+
+    url = spec.hf_hub_url
+    try:
+        ds = datasets.load_dataset(url, name=spec.subset, data_dir=spec.folder, split=spec.split)
+    except Exception as exc:
+        raise DatasetError(f"dataset '{spec.name}': cannot load {url!r} from the hub ({type(exc).__name__}: {exc}). "
+                           "Fix: download the files and point file_name at them") from exc
+    return [(str(url), i, row) for i, row in enumerate(ds)]
 
 
 def data_files(path: Path) -> list[Path]:

@@ -7,80 +7,11 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
 
+from finetune_kit.data.conversations import Conversations
+from finetune_kit.data.readers import check_dataset, read_dataset
+from finetune_kit.data.spec import DatasetSpec
 from finetune_kit.errors import ConfigError, DatasetError, did_you_mean
-
-COLUMN_DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output", "messages": "conversations"}
-TAG_DEFAULTS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
-KNOWN_COLUMNS = set(COLUMN_DEFAULTS) | {"history", "system", "tools", "images", "videos", "audios", "chosen",
-                                        "rejected", "kto_tag"}
-USED_COLUMNS = set(COLUMN_DEFAULTS) | {"history", "system"}
-_SOURCES = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name")
-_KEYS = set(_SOURCES) | {"formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags",
-                         "file_sha1"}
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset_info.json entry: where the rows are and how to read them."""
-
-    name: str
-    file_name: str | None = None
-    formatting: Literal["alpaca", "sharegpt"] = "alpaca"
-    columns: Mapping[str, str] = field(default_factory=dict)
-    tags: Mapping[str, str] = field(default_factory=dict)
-    ranking: bool = False
-    split: str = "train"
-    subset: str | None = None
-    folder: str | None = None
-    num_samples: int | None = None
-    hf_hub_url: str | None = None
-    ms_hub_url: str | None = None
-
-    def column(self, key: str) -> str:
-        return self.columns.get(key, COLUMN_DEFAULTS.get(key, key))
-
-    def tag(self, key: str) -> str:
-        return self.tags.get(key, TAG_DEFAULTS[key])
-
-    @classmethod
-    def from_info(cls, name: str, entry: Mapping[str, Any], where: str = "dataset_info.json") -> DatasetSpec:
-        """Validate one dataset_info.json entry, reporting every problem at once."""
-        problems = []
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"entry '{name}' must be an object, got {type(entry).__name__}", header=f"Invalid {where}")
-        unknown = sorted(set(entry) - _KEYS)
-        problems += [f"'{name}': unknown key '{k}'.{did_you_mean(k, _KEYS)}" for k in unknown]
-        unsupported = [k for k in ("om_hub_url", "script_url", "cloud_file_name") if entry.get(k)]
-        if entry.get("ms_hub_url") and not entry.get("hf_hub_url") and not entry.get("file_name"):
-            unsupported.append("ms_hub_url")
-        problems += [f"'{name}': '{k}' datasets are not supported yet; download the file and use file_name"
-                     for k in unsupported]
-        if not any(entry.get(k) for k in _SOURCES):
-            problems.append(f"'{name}': no file_name (or hf_hub_url / ms_hub_url) says where its rows are")
-        formatting = entry.get("formatting", "alpaca")
-        if formatting not in ("alpaca", "sharegpt"):
-            extra = " (the openai format is planned)" if formatting == "openai" else ""
-            problems.append(f"'{name}': formatting {formatting!r} is not supported{extra}; use alpaca or sharegpt")
-        if entry.get("ranking"):
-            problems.append(f"'{name}': ranking (preference) datasets need DPO training, which is not supported yet")
-        columns = entry.get("columns", {}) or {}
-        bad_cols = sorted(set(columns) - KNOWN_COLUMNS)
-        problems += [f"'{name}': unknown columns key '{k}'.{did_you_mean(k, KNOWN_COLUMNS)}" for k in bad_cols]
-        later = sorted(set(columns) & (KNOWN_COLUMNS - USED_COLUMNS))
-        problems += [f"'{name}': the '{k}' column (tools, media or preference data) is not supported yet; remove it "
-                     "from columns" for k in later]
-        tags = entry.get("tags", {}) or {}
-        bad_tags = sorted(set(tags) - set(TAG_DEFAULTS))
-        problems += [f"'{name}': unknown tags key '{k}'.{did_you_mean(k, TAG_DEFAULTS)}" for k in bad_tags]
-        if problems:
-            raise ConfigError(problems, header=f"Invalid {where}")
-        return cls(name=name, file_name=entry.get("file_name"), formatting=formatting, columns=dict(columns),
-                   tags=dict(tags), ranking=bool(entry.get("ranking", False)), split=entry.get("split", "train"),
-                   subset=entry.get("subset"), folder=entry.get("folder"), num_samples=entry.get("num_samples"),
-                   hf_hub_url=entry.get("hf_hub_url"), ms_hub_url=entry.get("ms_hub_url"))
 
 
 @dataclass(frozen=True)
@@ -137,21 +68,21 @@ class DatasetRegistry:
 
     @property
     def names(self) -> list[str]:
+        """Dataset names, in dataset_info.json order, then in registration order."""
         return list(self.specs)
 
     def spec(self, name: str) -> DatasetSpec:
+        """The validated entry of one dataset; an unknown name suggests the close one."""
         if name not in self.specs:
             raise DatasetError(f"dataset '{name}' is not in {self.dataset_dir / 'dataset_info.json'}."
                                f"{did_you_mean(name, self.specs)} Known: {', '.join(self.specs) or 'none'}")
         return self.specs[name]
 
-    def load(self, names: str | Iterable[str], *, max_samples: int | None = None) -> Any:
-        """Read and check every row of the named datasets; returns :class:`Conversations`.
+    def load(self, names: str | Iterable[str], *, max_samples: int | None = None) -> Conversations:
+        """Read and check every row of the named datasets (comma-separated or a list).
 
         A malformed row raises :class:`DatasetRowError` naming file, row and field; nothing is skipped.
         """
-        from finetune_kit.data.conversations import Conversations, read_dataset
-
         wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
         wanted = [n for n in wanted if n]
         if not wanted:
@@ -160,3 +91,15 @@ class DatasetRegistry:
         for name in wanted:
             examples += read_dataset(self.spec(name), self.dataset_dir, max_samples)
         return Conversations(tuple(examples), tuple(wanted))
+
+    def check(self, name: str) -> tuple[int, list[str]]:
+        """Check every row of one dataset without stopping at the first bad one.
+
+        Returns the row count and one message per bad row (what ``data check`` prints). Hub
+        datasets give ``(0, [])``: they are read, and checked, by :meth:`load`.
+
+        Example::
+
+            rows, problems = DatasetRegistry.from_dir("data").check("alpaca_zh_demo")
+        """
+        return check_dataset(self.spec(name), self.dataset_dir)

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_kit.data.messages import Message, check_turns
 from finetune_kit.errors import TemplateError, did_you_mean
-
-Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -131,13 +130,12 @@ def split_system(messages: Sequence[Message]) -> tuple[str | None, list[Message]
     turns = list(messages)
     if turns and turns[0]["role"] == "system":
         system, turns = turns[0]["content"], turns[1:]
-    for i, msg in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if msg.get("role") != expected:
-            raise TemplateError(
-                f"message {i} has role {msg.get('role')!r} but {expected!r} was expected: after an optional "
-                "system message, turns must alternate user, assistant, user, ..."
-            )
+    problem = check_turns([msg.get("role") for msg in messages])
+    if problem is not None:
+        raise TemplateError(
+            f"message {problem.turn} has role {problem.role!r} but {problem.expected!r} was expected: after an "
+            "optional system message, turns must alternate user, assistant, user, ..."
+        )
     return system, turns
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit.errors import DatasetError
 
 if TYPE_CHECKING:
-    from finetune_kit.data.conversations import Conversations
+    from finetune_kit.data.conversations import Example
     from finetune_kit.data.template import ChatTemplate
 
 IGNORE_INDEX = -100
@@ -72,11 +73,26 @@ def _encode(messages: list[dict[str, str]], tokenizer: Any, template: ChatTempla
 
 @dataclass(frozen=True)
 class TokenizedDataset:
-    """Tokenized examples as a ``datasets.Dataset`` with input_ids, attention_mask and labels."""
+    """Tokenized examples as a ``datasets.Dataset`` with input_ids, attention_mask and labels.
+
+    It remembers how it was encoded (template, cutoff and masking), so a trainer can refuse one
+    made for other settings, and it supplies the collator that batches it.
+    """
 
     dataset: Any
     cutoff_len: int
     truncated: int
+    template: str = ""
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    names: tuple[str, ...] = ()
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def collator(self, tokenizer: Any) -> Any:
+        """The data collator for this layout: right-padding, labels padded with -100."""
+        from transformers import DataCollatorForSeq2Seq
+
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -96,6 +112,7 @@ class TokenizedDataset:
     def show(self, index: int = 0, tokenizer: Any = None) -> str:
         """The decoded inputs and trained labels of one example (LLaMA-Factory prints this at start-up)."""
         row = self.dataset[index]
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is None:
             return f"input_ids: {row['input_ids']}\nlabels: {row['labels']}"
         trained = [t for t in row["labels"] if t != IGNORE_INDEX]
@@ -103,12 +120,13 @@ class TokenizedDataset:
                 f"labels:\n{tokenizer.decode(trained, skip_special_tokens=False)}")
 
 
-def tokenize(conversations: Conversations, tokenizer: Any, template: ChatTemplate, *, cutoff_len: int,
+def tokenize(examples: Iterable[Example], tokenizer: Any, template: ChatTemplate, *, cutoff_len: int,
              train_on_prompt: bool = False, mask_history: bool = False) -> TokenizedDataset:
+    """Encode every example (a :class:`Conversations` or any iterable of :class:`Example`) once."""
     import datasets
 
     ids, labels, truncated = [], [], 0
-    for ex in conversations.examples:
+    for ex in examples:
         try:
             x, y, full = _encode(list(ex.messages), tokenizer, template, cutoff_len, train_on_prompt, mask_history)
         except Exception as exc:
@@ -117,4 +135,6 @@ def tokenize(conversations: Conversations, tokenizer: Any, template: ChatTemplat
         ids.append(x)
         labels.append(y)
     ds = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": labels})
-    return TokenizedDataset(ds, cutoff_len, truncated)
+    return TokenizedDataset(ds, cutoff_len, truncated, template=template.name, train_on_prompt=train_on_prompt,
+                            mask_history=mask_history, names=tuple(getattr(examples, "names", ())),
+                            tokenizer=tokenizer)

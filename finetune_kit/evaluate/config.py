@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from finetune_kit.config.base import StageConfig, option
@@ -26,11 +25,6 @@ class PredictConfig(StageConfig):
                                           "(default: nothing is written).")
     overwrite_output_dir: bool = option(False, "Replace earlier predictions in output_dir.")
     predict_with_generate: bool = option(True, "Generate replies to score them (must be true, as in LLaMA-Factory).")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.output_dir, os.PathLike):
-            object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
-        super().__post_init__()
 
     def _check(self) -> list[str]:
         problems = []

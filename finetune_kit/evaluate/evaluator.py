@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
+from finetune_kit._artifacts import provenance
+from finetune_kit.data.conversations import Conversations
 from finetune_kit.errors import DatasetError
+from finetune_kit.evaluate import predict as pred
 from finetune_kit.evaluate.config import PredictConfig
 from finetune_kit.evaluate.metrics import SCORE_KEYS
-from finetune_kit.models.generation import GREEDY, GenerationConfig
-from finetune_kit.models.loaded import LoadedModel
+from finetune_kit.models.engine import Engine
+from finetune_kit.models.generation import DEFAULT_GENERATION, GenerationConfig
+from finetune_kit.models.loadable import as_engine
 
-if TYPE_CHECKING:
-    from finetune_kit.data.conversations import Conversations
-
-EVAL_GENERATION = GREEDY.with_(max_new_tokens=128)
-"""Greedy decoding, 128 new tokens: deterministic, so two runs' scores can be compared."""
-
-
-class Loadable(Protocol):
-    """Anything that gives a :class:`LoadedModel`, such as a ``TrainResult``."""
-
-    def load(self) -> LoadedModel: ...
+EVAL_GENERATION = DEFAULT_GENERATION.with_(max_new_tokens=128)
+"""The library's greedy default, capped at 128 new tokens: deterministic, so two runs' scores compare."""
 
 
 @dataclass(frozen=True)
@@ -80,17 +75,18 @@ class EvalReport:
         return per_example_scores([r["predict"] for r in self.records], [r["label"] for r in self.records])
 
 
+@dataclass(frozen=True, init=False)
 class Evaluator:
     """Batch prediction on a dataset's prompts, scored with LLaMA-Factory's ROUGE/BLEU recipe.
 
-    ``model`` is a :class:`LoadedModel` or anything with a ``load()`` method returning one (a
-    ``TrainResult``); it is loaded once, here. ``with_generation``/``with_config`` return new
-    Evaluators sharing that model.
+    ``model`` is a :class:`LoadedModel` (or any :class:`Engine`), or what gives one: a
+    ``TrainResult`` hands over its trained model from memory, a ``ModelSource`` is loaded
+    here, once. ``with_generation``/``with_config`` return new Evaluators sharing that model.
 
-    Decoding defaults to **greedy with max_new_tokens=128**, so scores are reproducible and a
-    before/after comparison measures the model, not sampling luck. LLaMA-Factory samples by
-    default (temperature 0.95, top_p 0.7); to match that, use ``with_generation(do_sample=True)``
-    (and ``max_new_tokens=1024`` for its length limit).
+    Decoding follows the library's rule (greedy unless asked) and stops at **128 new tokens**,
+    so scores are reproducible and a before/after comparison measures the model, not sampling
+    luck. LLaMA-Factory samples by default (temperature 0.95, top_p 0.7); to match that, use
+    ``with_generation(do_sample=True)`` (and ``max_new_tokens=1024`` for its length limit).
 
     Example::
 
@@ -99,7 +95,11 @@ class Evaluator:
         print(report.table())
     """
 
-    def __init__(self, model: LoadedModel | Loadable, generation: GenerationConfig | None = None,
+    model: Engine
+    generation: GenerationConfig
+    config: PredictConfig
+
+    def __init__(self, model: object, generation: GenerationConfig | None = None,
                  config: PredictConfig | None = None) -> None:
         if generation is not None and not isinstance(generation, GenerationConfig):
             raise TypeError(f"generation must be a GenerationConfig, got {type(generation).__name__}; "
@@ -107,46 +107,34 @@ class Evaluator:
         if config is not None and not isinstance(config, PredictConfig):
             raise TypeError(f"config must be a PredictConfig, got {type(config).__name__}; "
                             "use Evaluator(model).with_config(per_device_eval_batch_size=...) to change settings")
-        self._model = _resolve_model(model)
-        self._generation = generation if generation is not None else EVAL_GENERATION
-        self._config = config if config is not None else PredictConfig()
-
-    @property
-    def model(self) -> LoadedModel:
-        return self._model
-
-    @property
-    def generation(self) -> GenerationConfig:
-        return self._generation
-
-    @property
-    def config(self) -> PredictConfig:
-        return self._config
+        object.__setattr__(self, "model", as_engine(model, who="Evaluator"))
+        object.__setattr__(self, "generation", generation if generation is not None else EVAL_GENERATION)
+        object.__setattr__(self, "config", config if config is not None else PredictConfig())
 
     def __repr__(self) -> str:
-        gen = self._generation
+        gen = self.generation
         decoding = "greedy" if gen.greedy else f"sampling(temperature={gen.temperature}, top_p={gen.top_p})"
         if gen.num_beams > 1:
             decoding += f", num_beams={gen.num_beams}"
-        limit = f", max_samples={self._config.max_samples}" if self._config.max_samples is not None else ""
-        out = f", output_dir='{self._config.output_dir}'" if self._config.output_dir is not None else ""
-        return (f"Evaluator({self._model.source.display_name}, template={self._model.template.name}, {decoding}, "
-                f"max_new_tokens={gen.max_new_tokens}, batch_size={self._config.per_device_eval_batch_size}"
+        limit = f", max_samples={self.config.max_samples}" if self.config.max_samples is not None else ""
+        out = f", output_dir='{self.config.output_dir}'" if self.config.output_dir is not None else ""
+        return (f"Evaluator({_display(self.model)}, template={_template(self.model)}, {decoding}, "
+                f"max_new_tokens={gen.max_new_tokens}, batch_size={self.config.per_device_eval_batch_size}"
                 f"{limit}{out})")
 
     def with_generation(self, **changes: Any) -> Evaluator:
         """A new Evaluator with these :class:`GenerationConfig` fields changed."""
-        return Evaluator(self._model, self._generation.with_(**changes), self._config)
+        return replace(self, generation=self.generation.with_(**changes))
 
     def with_config(self, **changes: Any) -> Evaluator:
         """A new Evaluator with these :class:`PredictConfig` fields changed."""
-        return Evaluator(self._model, self._generation, self._config.with_(**changes))
+        return replace(self, config=self.config.with_(**changes))
 
     def explain(self) -> str:
         """The resolved settings of the next :meth:`predict`, before any generation."""
-        cfg, gen = self._config, self._generation
+        cfg, gen = self.config, self.generation
         return "\n".join([
-            f"model:       {self._model.source.display_name} (template {self._model.template.name})",
+            f"model:       {_display(self.model)} (template {_template(self.model)})",
             f"decoding:    {gen!r}",
             f"batch size:  {cfg.per_device_eval_batch_size} (left-padded)",
             f"max samples: {cfg.max_samples if cfg.max_samples is not None else 'all'}",
@@ -161,13 +149,12 @@ class Evaluator:
 
         ``output_dir`` (or the config's) receives ``generated_predictions.jsonl`` (written batch by
         batch), ``predict_results.json`` with ``predict_rouge-1`` ... keys, ``all_results.json`` and
-        ``finetune_kit_predict.json`` (the settings used). Without one, nothing is written.
+        ``finetune_kit_predict.json`` (the provenance record). Without one, nothing is written.
         Raises :class:`OutputExistsError` before generating if earlier predictions are there.
         """
-        from finetune_kit.evaluate import predict as pred
         from finetune_kit.evaluate.metrics import generation_scores, require_metrics
 
-        cfg = self._config if output_dir is None else self._config.with_(output_dir=output_dir)
+        cfg = self.config if output_dir is None else self.config.with_(output_dir=output_dir)
         if cfg.max_samples is not None:
             data = data.head(cfg.max_samples)
         if len(data) == 0:
@@ -181,44 +168,34 @@ class Evaluator:
         started = time.perf_counter()
         batch = cfg.per_device_eval_batch_size
         if out is not None:
-            records = pred.predict_to_dir(self._model, data, self._generation, out, batch_size=batch,
+            records = pred.predict_to_dir(self.model, data, self.generation, out, batch_size=batch,
                                           progress=progress)
         else:
-            records = pred.generate_records(self._model, data, self._generation, batch_size=batch,
+            records = pred.generate_records(self.model, data, self.generation, batch_size=batch,
                                             progress=progress)
         scores = generation_scores(*pred.prediction_pairs(records))
         runtime = time.perf_counter() - started
 
         if out is not None:
             results = pred.results_dict(scores, num_samples=len(records), runtime_s=runtime)
-            pred.write_results(out, results, self._run_info(data, cfg))
+            pred.write_results(out, results, self._record(data, cfg))
         return EvalReport(scores=scores, records=tuple(records), output_dir=out, num_samples=len(records),
                           runtime_s=runtime)
 
-    def _run_info(self, data: Conversations, cfg: PredictConfig) -> dict[str, Any]:
-        from finetune_kit import __version__
-
-        return {
-            "finetune_kit_version": __version__,
-            "model": self._model.source.display_name,
-            "adapters": list(self._model.adapters),
-            "template": self._model.template.name,
-            "datasets": list(data.names),
-            "generation": self._generation.to_dict(),
-            "predict": cfg.to_dict(),
-            "metrics": {"rouge": "rouge_chinese F on jieba.cut(HMM=True, cut_all=False) words",
-                        "bleu": "nltk sentence_bleu on characters, SmoothingFunction().method3"},
-        }
+    def _record(self, data: Conversations, cfg: PredictConfig) -> dict[str, Any]:
+        return provenance(
+            "predict", model=_display(self.model), adapters=getattr(self.model, "adapters", ()),
+            template=_template(self.model), datasets=data.names,
+            config={"generation": self.generation.to_dict(), "predict": cfg.to_dict()},
+            metrics={"rouge": "rouge_chinese F on jieba.cut(HMM=True, cut_all=False) words",
+                     "bleu": "nltk sentence_bleu on characters, SmoothingFunction().method3"})
 
 
-def _resolve_model(model: Any) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        return model
-    load = getattr(model, "load", None)
-    if callable(load):
-        loaded = load()
-        if isinstance(loaded, LoadedModel):
-            return loaded
-        raise TypeError(f"{type(model).__name__}.load() returned {type(loaded).__name__}, not a LoadedModel")
-    raise TypeError(f"Evaluator needs a LoadedModel or something with .load() (a TrainResult), got "
-                    f"{type(model).__name__}. Fix: Evaluator(ModelSource.bundled().load())")
+def _display(engine: Engine) -> str:
+    source = getattr(engine, "source", None)
+    return source.display_name if source is not None else engine.name
+
+
+def _template(engine: Engine) -> str:
+    template = getattr(engine, "template", None)
+    return template.name if template is not None else "engine's own"

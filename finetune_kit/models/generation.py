@@ -1,9 +1,17 @@
-"""Generation settings (LLaMA-Factory's generating arguments)."""
+"""Generation settings (LLaMA-Factory's generating arguments) and the library's one default.
+
+The rule, stated once: **in Python, decoding is greedy unless you ask for sampling**
+(:data:`DEFAULT_GENERATION`: ``do_sample=False``, up to 1024 new tokens) — ``LoadedModel.chat/
+generate/stream``, ``Server`` and ``Evaluator`` (which also caps replies at 128 tokens) all start
+from it, so the same call gives the same answer twice. The **CLI** keeps LLaMA-Factory's
+defaults, which are :class:`GenerationConfig`'s field defaults (sampling, temperature 0.95,
+top_p 0.7), so a YAML means what it meant under ``llamafactory-cli``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from finetune_kit.config.base import StageConfig, option
 
@@ -56,4 +64,30 @@ class GenerationConfig(StageConfig):
         return kwargs
 
 
-GREEDY = GenerationConfig(do_sample=False)
+class GenerationOverrides(TypedDict, total=False):
+    """The keyword overrides ``chat``/``generate``/``stream`` accept: :class:`GenerationConfig`'s fields."""
+
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    num_beams: int
+    max_new_tokens: int
+    repetition_penalty: float
+    length_penalty: float
+    skip_special_tokens: bool
+
+
+DEFAULT_GENERATION = GenerationConfig(do_sample=False)
+"""The Python API's default decoding: greedy, up to 1024 new tokens."""
+
+GREEDY = DEFAULT_GENERATION
+
+
+def resolve_generation(generation: GenerationConfig | None, overrides: GenerationOverrides) -> GenerationConfig:
+    """``generation`` (default :data:`DEFAULT_GENERATION`) with keyword ``overrides`` applied and checked."""
+    if generation is not None and not isinstance(generation, GenerationConfig):
+        raise TypeError(f"generation must be a GenerationConfig, got {type(generation).__name__}; pass single "
+                        "settings as keywords instead, e.g. max_new_tokens=64")
+    base = generation if generation is not None else DEFAULT_GENERATION
+    return base.with_(**overrides) if overrides else base

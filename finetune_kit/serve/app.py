@@ -1,9 +1,14 @@
-"""The FastAPI app: OpenAI-compatible routes over one :class:`LoadedModel`.
+"""The FastAPI app: OpenAI-compatible routes over one :class:`~finetune_kit.models.engine.Engine`.
 
 Generation never runs on the event loop: each request takes a slot of an asyncio semaphore
-(``max_concurrent``, 1 like LLaMA-Factory) and runs in a worker thread. The slot is released
-when the worker thread finishes, not when the client leaves, so an abandoned stream cannot let
-a second generation overlap the first.
+(``max_concurrent``, 1 like LLaMA-Factory, and never more than the engine's
+``max_concurrency``) and runs in a worker thread. The slot is released when the worker thread
+finishes, not when the client leaves, so an abandoned stream cannot let a second generation
+overlap the first.
+
+This module needs the ``serve`` extra; :class:`~finetune_kit.serve.server.Server` checks that
+it is installed (raising :class:`~finetune_kit.errors.MissingDependencyError` with the pip
+command) before importing it.
 """
 
 from __future__ import annotations
@@ -19,16 +24,18 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+# This module is the serve extra's code, imported only by Server once the extra is checked, and
+# FastAPI resolves route annotations (Request, ChatCompletionRequest) from module globals.
+from fastapi import APIRouter, Depends, FastAPI, Request  # noqa: TID253
+from fastapi.exceptions import RequestValidationError  # noqa: TID253
+from fastapi.middleware.cors import CORSMiddleware  # noqa: TID253
+from fastapi.responses import JSONResponse  # noqa: TID253
+from sse_starlette import EventSourceResponse  # noqa: TID253
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: TID253
 
-from finetune_kit.errors import TemplateError
-from finetune_kit.models.bundled import BUNDLED_PREFIX
+from finetune_kit.errors import RequestError, TemplateError
+from finetune_kit.models.engine import Completion, Engine
 from finetune_kit.models.generation import GenerationConfig
-from finetune_kit.models.loaded import Completion, LoadedModel
 from finetune_kit.serve.config import ServeConfig
 from finetune_kit.serve.protocol import (
     AssistantMessage,
@@ -40,7 +47,6 @@ from finetune_kit.serve.protocol import (
     Delta,
     ModelCard,
     ModelList,
-    RequestError,
     Usage,
     describe_validation_errors,
 )
@@ -49,20 +55,20 @@ logger = logging.getLogger("finetune_kit.serve")
 _END = object()
 
 
-def served_name(model: LoadedModel, config: ServeConfig) -> str:
-    """``api_model_name``, else the last adapter folder's name, else the model's last path part."""
-    if config.api_model_name:
-        return config.api_model_name
-    name = model.adapters[-1] if model.adapters else model.source.display_name.removeprefix(BUNDLED_PREFIX)
-    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+def concurrency(engine: Engine, config: ServeConfig) -> int:
+    """Generations at once: ``max_concurrent``, capped by what the engine can run in parallel."""
+    if engine.max_concurrency < 1:
+        raise ValueError(f"{type(engine).__name__}.max_concurrency is {engine.max_concurrency}; an Engine must "
+                         "run at least one generation at a time")
+    return min(config.max_concurrent, engine.max_concurrency)
 
 
-def create_app(model: LoadedModel, config: ServeConfig, generation: GenerationConfig) -> FastAPI:
-    """Build the app serving ``model`` under one model id, with ``generation`` as request defaults."""
-    name = served_name(model, config)
+def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig) -> FastAPI:
+    """Build the app serving ``engine`` under one model id, with ``generation`` as request defaults."""
+    name = config.served_name(engine)
     card = ModelCard(id=name, created=int(time.time()))
-    slots = _Slots(config.max_concurrent)
-    context = getattr(getattr(model.model, "config", None), "max_position_embeddings", None)
+    slots = _Slots(concurrency(engine, config))
+    context = engine.context_length
 
     app = FastAPI(title="finetune_kit OpenAI-compatible API", version="1")
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True,
@@ -92,7 +98,7 @@ def create_app(model: LoadedModel, config: ServeConfig, generation: GenerationCo
         messages = body.conversation()
         gen = body.generation(generation)
         try:
-            prompt = model.encode_prompt(messages)
+            prompt = engine.encode_prompt(messages)
         except TemplateError as exc:
             raise RequestError(str(exc), param="messages") from exc
         if context and len(prompt) >= context:
@@ -110,18 +116,15 @@ def create_app(model: LoadedModel, config: ServeConfig, generation: GenerationCo
                             time.perf_counter() - started)
 
         if body.stream:
-            from sse_starlette import EventSourceResponse
-
-            events = _stream(model, messages, gen, stop, slots, body.include_usage,
+            events = _stream(engine, messages, gen, stop, slots, body.include_usage,
                              ChatCompletionChunk(id=rid, created=created, model=name, choices=[]), log)
             return EventSourceResponse(events, sep="\n")
 
         def work() -> list[Completion]:
-            return model.generate([messages] * body.n, gen, batch_size=min(body.n, 8), stop=stop)
+            return engine.generate([messages] * body.n, gen, batch_size=min(body.n, 8), stop=stop)
 
         done = await slots.run(work)
-        usage = Usage(prompt_tokens=done[0].prompt_tokens, completion_tokens=sum(c.completion_tokens for c in done),
-                      total_tokens=done[0].prompt_tokens + sum(c.completion_tokens for c in done))
+        usage = Usage.of(done)
         choices = [Choice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
                    for i, c in enumerate(done)]
         log("200 " + ",".join(c.finish_reason for c in done), usage)
@@ -132,7 +135,7 @@ def create_app(model: LoadedModel, config: ServeConfig, generation: GenerationCo
     return app
 
 
-async def _stream(model: LoadedModel, messages: list[dict[str, str]], gen: GenerationConfig, stop: list[str],
+async def _stream(engine: Engine, messages: list[dict[str, str]], gen: GenerationConfig, stop: list[str],
                   slots: _Slots, include_usage: bool, base: ChatCompletionChunk,
                   log: Callable[[str, Usage | None], None]) -> AsyncIterator[dict[str, str]]:
     """SSE events: role chunk, content chunks, finish chunk, optional usage chunk, ``[DONE]``."""
@@ -156,8 +159,12 @@ async def _stream(model: LoadedModel, messages: list[dict[str, str]], gen: Gener
 
     def produce() -> None:
         try:
-            for item in model.stream(messages, gen, stop=stop):  # runs to the end even if abandoned
+            item: Any = None
+            for item in engine.stream(messages, gen, stop=stop):  # runs to the end even if abandoned
                 put(item)
+            if item is None or isinstance(item, str):
+                raise TypeError(f"{type(engine).__name__}.stream() ended without a Completion; an Engine's "
+                                "stream yields text pieces, then one Completion")
         except BaseException as exc:
             put(exc)
         finally:
@@ -165,7 +172,7 @@ async def _stream(model: LoadedModel, messages: list[dict[str, str]], gen: Gener
 
     try:
         await slots.start(produce)
-        sent, final = "", None
+        sent, final = "", None  # produce() sends an error rather than end without a Completion
         while (item := await queue.get()) is not _END:
             if isinstance(item, BaseException):
                 logger.exception("generation failed mid-stream", exc_info=item)
@@ -180,12 +187,11 @@ async def _stream(model: LoadedModel, messages: list[dict[str, str]], gen: Gener
                 yield event(ChunkChoice(delta=Delta(content=item)))
             else:
                 final = item
-        assert final is not None  # stream() always ends with a Completion
+        assert final is not None
         if len(final.text) > len(sent) and final.text.startswith(sent):  # text the streamer held back
             yield event(ChunkChoice(delta=Delta(content=final.text[len(sent):])))
         yield event(ChunkChoice(delta=Delta(), finish_reason=final.finish_reason))
-        usage = Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
-                      total_tokens=final.prompt_tokens + final.completion_tokens)
+        usage = Usage.of([final])
         if include_usage:
             yield event(None, usage)
         yield {"data": "[DONE]"}

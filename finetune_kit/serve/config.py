@@ -6,9 +6,12 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_kit.config.base import StageConfig
+
+if TYPE_CHECKING:
+    from finetune_kit.models.engine import Engine
 
 
 def _env_option(env: str, fallback: Any, help: str) -> Any:
@@ -21,11 +24,15 @@ def _env_option(env: str, fallback: Any, help: str) -> Any:
 class ServeConfig(StageConfig):
     """Where and how the OpenAI-compatible server listens.
 
-    Every field defaults to its LLaMA-Factory environment variable, read when the config is
-    built, so ``API_PORT=8001 python app.py`` works as with ``llamafactory-cli api``.
-    Example::
+    One rule: a field you pass wins; a field you leave out is read from its LLaMA-Factory
+    environment variable (``API_HOST``, ``API_PORT``, ``API_KEY``, ``API_MODEL_NAME``,
+    ``MAX_CONCURRENT``, ``API_VERBOSE``) when the config is constructed, else takes its
+    default. So ``API_PORT=8001 python app.py`` works as with ``llamafactory-cli api``, and
+    ``API_KEY`` keeps protecting a server whose config sets only the port. ``with_()`` copies
+    the values already read and never reads the environment again. Example::
 
-        config = ServeConfig(api_host="127.0.0.1", api_port=8001, api_key="sk-local")
+        config = ServeConfig(api_host="127.0.0.1", api_port=8001)   # API_KEY etc. from the environment
+        local = config.with_(api_port=0)                            # same key, a free port
     """
 
     section = "api"
@@ -55,17 +62,10 @@ class ServeConfig(StageConfig):
             problems.append("api_model_name: got an empty string; leave it unset to derive a name")
         return problems
 
-    @classmethod
-    def from_env(cls, **overrides: Any) -> ServeConfig:
-        """Read ``API_HOST``, ``API_PORT``, ``API_KEY``, ``API_MODEL_NAME``, ``MAX_CONCURRENT`` and
-        ``API_VERBOSE`` now; ``overrides`` (field names) win over the environment."""
-        unknown = sorted(set(overrides) - set(cls.field_names()))
-        if unknown:
-            from finetune_kit.errors import ConfigError, did_you_mean
-
-            raise ConfigError([f"unknown key '{k}' for ServeConfig.{did_you_mean(k, cls.field_names())}"
-                               for k in unknown])
-        return cls(**overrides)
+    def served_name(self, engine: Engine) -> str:
+        """The model id the API reports: ``api_model_name``, else the engine's own short name (for a
+        LoadedModel, the last adapter folder's name, else the model path's last part)."""
+        return self.api_model_name or engine.name
 
     def __repr__(self) -> str:
         parts = [f"{self.api_host}:{self.api_port}"]

@@ -1,36 +1,28 @@
-"""OpenAI wire format: the chat-completion request, the response objects and the error body.
+"""OpenAI wire format: the chat-completion request and the response objects.
 
 Shapes follow ``openai/openai-openapi`` (``CreateChatCompletionRequest``/``Response``,
-``CreateChatCompletionStreamResponse``, ``ListModelsResponse``, ``ErrorResponse``). Request
-fields the server cannot honour are rejected with a 400 naming the field rather than
-silently dropped; ``presence_penalty``, ``frequency_penalty``, ``seed`` and ``user`` are
-accepted and ignored because common clients send them by default.
+``CreateChatCompletionStreamResponse``, ``ListModelsResponse``); the ``ErrorResponse`` body is
+:meth:`finetune_kit.errors.RequestError.body`. Request fields the server cannot honour are
+rejected with a 400 naming the field rather than silently dropped; ``presence_penalty``,
+``frequency_penalty``, ``seed`` and ``user`` are accepted and ignored because common clients
+send them by default.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+# imported only by serve/app.py, after Server has checked the serve extra (which brings pydantic)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer  # noqa: TID253
 
-from finetune_kit.errors import FinetuneKitError
+from finetune_kit.data.messages import Message, check_turns
+from finetune_kit.errors import RequestError
+from finetune_kit.models.engine import Completion
 from finetune_kit.models.generation import GenerationConfig
 
 MAX_STOP = 4
 _ROLES = ("system", "developer", "user", "assistant")
-
-
-class RequestError(FinetuneKitError, ValueError):
-    """A request the server cannot serve; leaves as an OpenAI error body with ``status`` (400 by default)."""
-
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
-
-    def body(self) -> dict[str, Any]:
-        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
-        return ErrorBody(error=detail).model_dump()
 
 
 def describe_validation_errors(errors: Any) -> RequestError:
@@ -143,12 +135,12 @@ class ChatCompletionRequest(BaseModel):
             raise RequestError(f"response_format {self.response_format.get('type')!r} is not supported; "
                                "only 'text'", param="response_format")
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[Message]:
         """Messages as the chat template wants them: optional system, then user/assistant turns ending
         with a user turn (LLaMA-Factory's rule). Raises :class:`RequestError` naming the bad message."""
         if not self.messages:
             raise RequestError("messages must contain at least one user message", param="messages")
-        out: list[dict[str, str]] = []
+        out: list[Message] = []
         for i, msg in enumerate(self.messages):
             role = "system" if msg.role == "developer" else msg.role
             if role not in _ROLES:
@@ -157,15 +149,14 @@ class ChatCompletionRequest(BaseModel):
             if msg.content is None:
                 raise RequestError(f"messages[{i}] has no content", param=f"messages[{i}].content")
             out.append({"role": role, "content": msg.content})
-        first = 1 if out[0]["role"] == "system" else 0
-        for i in range(first, len(out)):
-            expected = "user" if (i - first) % 2 == 0 else "assistant"
-            if out[i]["role"] != expected:
-                raise RequestError(
-                    f"messages[{i}] has role {self.messages[i].role!r} but {expected!r} was expected: after an "
-                    "optional first system message, roles must alternate user, assistant, user, ...",
-                    param=f"messages[{i}].role")
-        if len(out) == first or out[-1]["role"] != "user":
+        problem = check_turns([m["role"] for m in out])
+        if problem is not None:
+            i = problem.index
+            raise RequestError(
+                f"messages[{i}] has role {self.messages[i].role!r} but {problem.expected!r} was expected: after an "
+                "optional first system message, roles must alternate user, assistant, user, ...",
+                param=f"messages[{i}].role")
+        if out[-1]["role"] != "user":
             raise RequestError("the last message must have role 'user' (the server answers it)",
                                param="messages")
         return out
@@ -196,6 +187,13 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, completions: Sequence[Completion]) -> Usage:
+        """The usage of one request's choices: they share one prompt, counted once."""
+        prompt = completions[0].prompt_tokens
+        completion = sum(c.completion_tokens for c in completions)
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class AssistantMessage(BaseModel):
@@ -256,14 +254,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail

@@ -1,7 +1,8 @@
 """Server: serve a model over an OpenAI-compatible HTTP API (``llamafactory-cli api``).
 
-fastapi, uvicorn and sse-starlette are imported only when an app is built or started, so
-importing this module stays cheap.
+fastapi, uvicorn and sse-starlette (the ``serve`` extra) are imported only when an app is built
+or started, so importing this module stays cheap; when one is missing, that call raises
+:class:`~finetune_kit.errors.MissingDependencyError` with the pip command, before any model loads.
 """
 
 from __future__ import annotations
@@ -9,31 +10,62 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from finetune_kit.models.generation import GenerationConfig
+from finetune_kit._deps import require
+from finetune_kit.models.engine import Engine
+from finetune_kit.models.generation import DEFAULT_GENERATION, GenerationConfig
+from finetune_kit.models.loadable import Loadable, as_engine
 from finetune_kit.serve.config import ServeConfig
 
 if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
-    from finetune_kit.models.loaded import LoadedModel
-
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+SERVING = "Serving the API"
+T = TypeVar("T")
 
 
-class Loadable(Protocol):
-    """Anything that can give a :class:`LoadedModel`: a ModelSource, and later stages' results."""
+def _serve_extra() -> ModuleType:
+    """uvicorn, once fastapi and sse-starlette are known to be importable too."""
+    for module in ("fastapi", "sse_starlette"):
+        require(module, purpose=SERVING)
+    return require("uvicorn", purpose=SERVING)
 
-    def load(self) -> LoadedModel: ...
+
+class _Once(Generic[T]):
+    """A value computed on first use, once, even from several threads."""
+
+    def __init__(self, value: T | None = None) -> None:
+        self._value = value
+        self._lock = threading.Lock()
+
+    def peek(self) -> T | None:
+        """The value if it was computed already, else None (computes nothing)."""
+        return self._value
+
+    def get(self, make: Callable[[], T]) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = make()
+            return self._value
 
 
+@dataclass(frozen=True, init=False, eq=False, repr=False)
 class Server:
     """An OpenAI-compatible chat server over one model; immutable, ``with_*`` returns a new one.
 
-    ``model`` is a :class:`LoadedModel` or anything with ``.load()`` returning one (loaded on
-    first use). Any ``model`` name in a request is accepted, as in LLaMA-Factory. Example::
+    ``model`` is an :class:`~finetune_kit.models.engine.Engine` (a :class:`LoadedModel` or
+    another backend) or anything with ``.load()`` (``ModelSource``, ``TrainResult``,
+    ``ExportedModel``), loaded on first use and then shared by every ``with_*`` copy.
+    ``config`` defaults to ``ServeConfig()`` (fields from ``API_HOST``, ``API_PORT``,
+    ``API_KEY``, ...); ``generation`` holds the defaults of requests that leave temperature,
+    top_p or max_tokens unset, greedy unless you pass one. Any ``model`` name in a request is
+    accepted, as in LLaMA-Factory. Example::
 
         server = Server(ModelSource.bundled(), ServeConfig(api_port=8001))
         server.run()                              # blocks, like `llamafactory-cli api`
@@ -42,107 +74,100 @@ class Server:
             client = openai.OpenAI(api_key="0", base_url=handle.base_url)
     """
 
-    __slots__ = ("_app", "_config", "_generation", "_lock", "_model", "_source")
+    config: ServeConfig
+    generation: GenerationConfig
+    _source: object = field(repr=False)
+    _engine: _Once[Engine] = field(repr=False)
+    _app: _Once[FastAPI] = field(repr=False)
 
-    def __init__(self, model: LoadedModel | Loadable, config: ServeConfig | None = None,
+    def __init__(self, model: Engine | Loadable, config: ServeConfig | None = None,
                  generation: GenerationConfig | None = None) -> None:
-        from finetune_kit.models.loaded import LoadedModel
-
-        if not isinstance(model, LoadedModel) and not callable(getattr(model, "load", None)):
-            raise TypeError(f"Server needs a LoadedModel or an object with .load() (ModelSource, TrainResult, "
-                            f"ExportedModel); got {type(model).__name__}. Fix: Server(ModelSource.bundled().load())")
         if config is not None and not isinstance(config, ServeConfig):
             raise TypeError(f"config must be a ServeConfig; got {type(config).__name__}. Fix: "
                             "ServeConfig(api_port=8000) or server.with_config(api_port=8000)")
         if generation is not None and not isinstance(generation, GenerationConfig):
-            raise TypeError(f"generation must be a GenerationConfig; got {type(generation).__name__}")
-        self._model: LoadedModel | None = model if isinstance(model, LoadedModel) else None
-        self._source: Any = model
-        self._config = config if config is not None else ServeConfig()
-        self._generation = generation if generation is not None else GenerationConfig()
-        self._app: FastAPI | None = None
-        self._lock = threading.Lock()
+            raise TypeError(f"generation must be a GenerationConfig; got {type(generation).__name__}. Fix: "
+                            "GenerationConfig(max_new_tokens=256) or server.with_generation(max_new_tokens=256)")
+        if isinstance(model, Loadable) and not isinstance(model, Engine):
+            engine = _Once[Engine]()  # loaded on first use
+        else:  # an Engine as it is; anything else raises as_engine's TypeError now
+            engine = _Once[Engine](as_engine(model, who="Server"))
+        self._fill(model, engine, config if config is not None else ServeConfig(),
+                   generation if generation is not None else DEFAULT_GENERATION)
 
-    # ------------------------------------------------------------------ fluent, read-only
-    @property
-    def config(self) -> ServeConfig:
-        return self._config
+    def _fill(self, source: object, engine: _Once[Engine], config: ServeConfig, generation: GenerationConfig) -> None:
+        for name, value in (("config", config), ("generation", generation), ("_source", source),
+                            ("_engine", engine), ("_app", _Once[Any]())):
+            object.__setattr__(self, name, value)
 
-    @property
-    def generation(self) -> GenerationConfig:
-        """Defaults for requests that leave temperature, top_p or max_tokens unset."""
-        return self._generation
+    def _copy(self, config: ServeConfig, generation: GenerationConfig) -> Server:
+        """A Server with other settings over the same model, loaded or not (one load for all copies)."""
+        copy = object.__new__(Server)
+        copy._fill(self._source, self._engine, config, generation)
+        return copy
 
+    # ------------------------------------------------------------------ fluent
     def with_config(self, **changes: Any) -> Server:
         """A new Server with :class:`ServeConfig` fields changed; a loaded model is shared."""
-        return Server(self._model or self._source, self._config.with_(**changes), self._generation)
+        return self._copy(self.config.with_(**changes), self.generation)
 
     def with_generation(self, **changes: Any) -> Server:
-        """A new Server with default :class:`GenerationConfig` fields changed."""
-        return Server(self._model or self._source, self._config, self._generation.with_(**changes))
+        """A new Server with default :class:`GenerationConfig` fields changed; a loaded model is shared."""
+        return self._copy(self.config, self.generation.with_(**changes))
 
     @property
-    def model(self) -> LoadedModel:
-        """The served model, loaded on first access."""
-        with self._lock:
-            if self._model is None:
-                from finetune_kit.models.loaded import LoadedModel
-
-                loaded = self._source.load()
-                if not isinstance(loaded, LoadedModel):
-                    raise TypeError(f"{type(self._source).__name__}.load() returned {type(loaded).__name__}, "
-                                    "not a LoadedModel")
-                self._model = loaded
-            return self._model
+    def model(self) -> Engine:
+        """The served engine, loaded on first access."""
+        return self._engine.get(lambda: as_engine(self._source, who="Server"))
 
     @property
     def model_name(self) -> str:
-        """The id that ``/v1/models`` lists and responses carry."""
-        from finetune_kit.serve.app import served_name
-
-        return served_name(self.model, self._config)
+        """The id that ``/v1/models`` lists and responses carry: ``api_model_name``, else the engine's name."""
+        return self.config.served_name(self.model)
 
     @property
     def app(self) -> FastAPI:
         """The FastAPI app (built once); mount it in your own ASGI server if you like."""
-        if self._app is None:
-            from finetune_kit.serve.app import create_app
+        _serve_extra()  # before loading a model that could not be served
+        from finetune_kit.serve.app import create_app  # noqa: PLC0415 (fastapi and pydantic load with it)
 
-            app = create_app(self.model, self._config, self._generation)
-            with self._lock:
-                self._app = self._app or app
-        return self._app
+        return self._app.get(lambda: create_app(self.model, self.config, self.generation))
 
     def __repr__(self) -> str:
-        what = self._model.source.display_name if self._model is not None else f"{self._source!r} (not loaded)"
-        auth = ", api_key=***" if self._config.api_key else ""
-        return f"Server({what} at http://{self._config.api_host}:{self._config.api_port}/v1{auth})"
+        engine = self._engine.peek()
+        what = repr(engine.name) if engine is not None else f"{self._source!r} (not loaded)"
+        auth = ", api_key=***" if self.config.api_key else ""
+        return f"Server({what} at http://{self.config.api_host}:{self.config.api_port}/v1{auth})"
 
     def explain(self) -> str:
         """What will be served, where, and with which defaults, without loading anything."""
-        cfg, gen = self._config, self._generation
+        cfg, gen, engine = self.config, self.generation, self._engine.peek()
         decoding = "greedy" if gen.greedy else f"sampling (temperature={gen.temperature}, top_p={gen.top_p})"
+        name, limit = cfg.api_model_name or "the engine's name, once loaded", ""
+        if engine is not None:
+            name = cfg.served_name(engine)
+            if engine.max_concurrency < cfg.max_concurrent:
+                limit = f" (the engine runs at most {engine.max_concurrency})"
         return "\n".join([
             repr(self),
-            f"  model id: {cfg.api_model_name or 'derived from the model or adapter folder'}",
+            f"  model id: {name}",
             f"  auth: {'Bearer key required on /v1' if cfg.api_key else 'open (any key is accepted)'}",
-            f"  concurrency: {cfg.max_concurrent} generating at once, the rest wait",
+            f"  concurrency: {cfg.max_concurrent} generating at once{limit}, the rest wait",
             f"  defaults: {decoding}, max_new_tokens={gen.max_new_tokens}",
         ])
 
     # ------------------------------------------------------------------ running
     def run(self, *, log_level: LogLevel = "info") -> None:
         """Serve in the foreground until Ctrl+C, printing the base URL and a curl example first."""
-        import uvicorn
-        from uvicorn.config import LOGGING_CONFIG
-
+        uvicorn = _serve_extra()
+        logging_config = uvicorn.config.LOGGING_CONFIG
         app, name = self.app, self.model_name
-        sock = _bind(self._config.api_host, self._config.api_port)
-        url = _client_url(self._config.api_host, sock.getsockname()[1])
-        log_config = {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"],
+        sock = _bind(self.config.api_host, self.config.api_port)
+        url = _client_url(self.config.api_host, sock.getsockname()[1])
+        log_config = {**logging_config, "loggers": {**logging_config["loggers"],
                                                     "finetune_kit": {"handlers": ["default"], "level": "INFO"}}}
         print(f"Serving {name!r} with an OpenAI-compatible API at {url}/v1")
-        print(_curl_example(url, name, bool(self._config.api_key)))
+        print(_curl_example(url, name, bool(self.config.api_key)))
         config = uvicorn.Config(app, log_level=log_level, log_config=log_config)
         try:
             uvicorn.Server(config).run(sockets=[sock])
@@ -154,10 +179,9 @@ class Server:
 
         Use the handle as a context manager, or call ``handle.stop()``. Port 0 picks a free port.
         """
-        import uvicorn
-
+        uvicorn = _serve_extra()
         app = self.app
-        sock = _bind(self._config.api_host, self._config.api_port)
+        sock = _bind(self.config.api_host, self.config.api_port)
         config = uvicorn.Config(app, log_level=log_level, log_config=None, timeout_graceful_shutdown=3)
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
@@ -174,6 +198,7 @@ class Server:
                 raise TimeoutError(f"the server on {handle.url} did not start within {timeout:.0f} s")
             time.sleep(0.02)
         return handle
+
 
 
 class ServerHandle:
@@ -229,8 +254,8 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}. Fix: stop whatever uses the "
-                                 "port, or choose another with .with_config(api_port=...) (0 picks a free one)") from exc
+        fix = "stop whatever uses the port, or choose another with .with_config(api_port=...) (0 picks a free one)"
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}. Fix: {fix}") from exc
     return sock
 
 

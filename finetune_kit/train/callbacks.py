@@ -9,7 +9,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-LOG_FILE = "trainer_log.jsonl"
+from finetune_kit._artifacts import TRAINER_LOG
+
+LOG_FILE = TRAINER_LOG
 
 
 class JsonlLogCallback(TrainerCallback):

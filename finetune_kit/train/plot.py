@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from finetune_kit._artifacts import LOSS_PLOT
+
 
 def smooth(values: Sequence[float], weight: float | None = None) -> list[float]:
     """Exponential moving average with TensorBoard's debiasing; weight grows with the series length."""
@@ -42,7 +44,7 @@ def plot_loss(log_history: Sequence[dict], output_dir: Path, keys: Sequence[str]
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend()
-        path = output_dir / f"training_{key}.png"
+        path = output_dir / LOSS_PLOT.format(key=key)
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)

@@ -1,25 +1,39 @@
-"""The training loop itself: peft + transformers.Trainer, then saving every artifact."""
+"""The training loop: ``transformers.Trainer`` over resolved values, then every artifact of the run.
+
+``fit`` knows nothing about ``LoraTrainer``: it takes a ready model, training arguments,
+tokenized data (which supplies its own collator, so packing can plug in) and the provenance
+record to save. DPO, full fine-tuning or another method reuses it with a different model.
+"""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_kit.train.callbacks import JsonlLogCallback
-from finetune_kit.train.trainer import save_json, tokenizer_for_saving
+from finetune_kit._artifacts import RUN_RECORD, TRAIN_RESULTS, write_record
+from finetune_kit._fs import write_json
 
 if TYPE_CHECKING:
     from finetune_kit.data.tokenize import TokenizedDataset
     from finetune_kit.train.config import TrainingConfig
-    from finetune_kit.train.result import TrainResult
-    from finetune_kit.train.trainer import LoraTrainer
 
 
-def training_arguments(trainer: LoraTrainer, has_eval: bool) -> Any:
+@dataclass(frozen=True)
+class Fitted:
+    """What a finished loop produced."""
+
+    metrics: dict[str, float]
+    log_history: tuple[dict[str, Any], ...]
+    plots: tuple[Path, ...]
+
+
+def training_arguments(t: TrainingConfig, *, has_eval: bool) -> Any:
+    """``transformers.TrainingArguments`` for ``t`` (built before the model loads: Accelerate's state lives here)."""
     import torch
     from transformers import TrainingArguments
 
-    t = trainer.training
     warmup: float = t.warmup_steps if t.warmup_steps else t.warmup_ratio  # transformers reads <1 as a ratio
     eval_kwargs: dict[str, Any] = {}
     if has_eval:
@@ -40,8 +54,6 @@ def training_arguments(trainer: LoraTrainer, has_eval: bool) -> Any:
 
 def _version_kwargs(t: TrainingConfig) -> dict[str, Any]:
     """Arguments whose names differ across transformers 5.x releases, under the name this version has."""
-    import inspect
-
     from transformers import TrainingArguments
 
     names = inspect.signature(TrainingArguments.__init__).parameters
@@ -56,70 +68,31 @@ def _version_kwargs(t: TrainingConfig) -> dict[str, Any]:
     return kwargs
 
 
-def attach_lora(trainer: LoraTrainer) -> Any:
-    """Wrap the base model with fresh LoRA layers (or make its loaded adapter trainable)."""
-    import peft
-    import torch
-    from transformers import set_seed
+def fit(model: Any, args: Any, train_set: TokenizedDataset, eval_set: TokenizedDataset | None, *, tokenizer: Any,
+        out: Path, resume: str | None, record: dict[str, Any], plot: bool) -> Fitted:
+    """Train ``model`` with ``transformers.Trainer``; on the main process write the adapter, tokenizer,
+    state, metrics, ``record`` (the provenance) and, if ``plot``, the loss plots to ``out``."""
+    from transformers import Trainer
 
-    set_seed(trainer.training.seed)
-    model = trainer.model.model
-    if isinstance(model, peft.PeftModel):
-        for name, p in model.named_parameters():
-            p.requires_grad = "lora_" in name
-        peft_model = model
-    else:
-        cfg = peft.LoraConfig(
-            task_type="CAUSAL_LM", r=trainer.lora.lora_rank, lora_alpha=trainer.lora.alpha,
-            lora_dropout=trainer.lora.lora_dropout, target_modules=trainer.target_modules(),
-            modules_to_save=list(trainer.lora.additional_target) if trainer.lora.additional_target else None,
-            use_rslora=trainer.lora.use_rslora,
-        )
-        peft_model = peft.get_peft_model(model, cfg)
-    for p in peft_model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()  # trainable weights stay fp32 under bf16/fp16 autocast
-    if trainer.training.gradient_checkpointing:
-        peft_model.enable_input_require_grads()
-    return peft_model
-
-
-def run_training(trainer: LoraTrainer, train_set: TokenizedDataset, eval_set: TokenizedDataset | None,
-                 resume: str | None, *, datasets: tuple[str, ...] = ()) -> TrainResult:
-    from transformers import DataCollatorForSeq2Seq, Trainer
-
+    from finetune_kit.train.callbacks import JsonlLogCallback
     from finetune_kit.train.plot import plot_loss
-    from finetune_kit.train.result import TrainResult
 
-    out = Path(trainer.training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer_for_saving(trainer.model)
-    tokenizer.padding_side = "right"
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    fresh_lora = not hasattr(trainer.model.model, "peft_config")
-    peft_model = attach_lora(trainer)
-    try:
-        hf = Trainer(model=peft_model, args=training_arguments(trainer, eval_set is not None),
-                     train_dataset=train_set.dataset, eval_dataset=eval_set.dataset if eval_set else None,
-                     data_collator=collator, processing_class=tokenizer, callbacks=[JsonlLogCallback(out)])
-        output = hf.train(resume_from_checkpoint=resume)
-        metrics = dict(output.metrics)
-        if eval_set is not None:
-            metrics.update(hf.evaluate())
-        if hf.is_world_process_zero():
-            hf.save_model(str(out))
-            tokenizer.save_pretrained(out)
-            hf.save_state()
-            save_json(out / "train_results.json", metrics)
-            save_json(out / "finetune_kit_config.json", trainer.run_config(datasets))
-        plots: tuple[Path, ...] = ()
-        if trainer.training.plot_loss and hf.is_world_process_zero():
+    hf = Trainer(model=model, args=args, train_dataset=train_set.dataset,
+                 eval_dataset=eval_set.dataset if eval_set is not None else None,
+                 data_collator=train_set.collator(tokenizer), processing_class=tokenizer,
+                 callbacks=[JsonlLogCallback(out)])
+    output = hf.train(resume_from_checkpoint=resume)
+    metrics = dict(output.metrics)
+    if eval_set is not None:
+        metrics.update(hf.evaluate())
+    plots: tuple[Path, ...] = ()
+    if hf.is_world_process_zero():
+        hf.save_model(str(out))
+        tokenizer.save_pretrained(out)
+        hf.save_state()
+        write_json(out / TRAIN_RESULTS, metrics)
+        write_record(out, RUN_RECORD, record)
+        if plot:
             plots = tuple(plot_loss(hf.state.log_history, out))
-        history = tuple(hf.state.log_history)
-    finally:
-        if fresh_lora:  # give the caller back the base model without LoRA layers
-            base = peft_model.unload()
-            if hasattr(base, "peft_config"):
-                del base.peft_config
-    return TrainResult(output_dir=out, base=trainer.model.source.with_config(adapter_name_or_path=None),
-                       metrics=metrics, log_history=history, plots=plots)
+    return Fitted(metrics=metrics, log_history=tuple(hf.state.log_history), plots=plots)

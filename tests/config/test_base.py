@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 
 from finetune_kit.config.base import coerce
-from finetune_kit.data.config import DataConfig
+from finetune_kit.data.config import EncodingConfig
 from finetune_kit.errors import ConfigError
 from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.generation import GenerationConfig
@@ -98,7 +98,7 @@ def test_cross_field_checks_report_every_problem():
         TrainingConfig(per_device_train_batch_size=0, bf16=True, fp16=True, learning_rate=-1)
     assert len(err.value.problems) == 3
     with pytest.raises(ConfigError, match="mask_history and train_on_prompt"):
-        DataConfig(mask_history=True, train_on_prompt=True)
+        EncodingConfig(mask_history=True, train_on_prompt=True)
     with pytest.raises(ConfigError, match="top_p"):
         GenerationConfig(top_p=0)
 

@@ -10,19 +10,20 @@ import pytest
 
 from finetune_kit.config.parse import build, collect, describe, read_config_file, split_argv
 from finetune_kit.config.run import RunConfig
-from finetune_kit.data.config import DataConfig
+from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.errors import ConfigError, UnknownKeysError
 from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.train.config import LoraConfig, TrainingConfig
 
-BASE_SECTIONS = [RunConfig, ModelConfig, DataConfig, LoraConfig, TrainingConfig, GenerationConfig]
+BASE_SECTIONS = [RunConfig, ModelConfig, DataConfig, EncodingConfig, LoraConfig, TrainingConfig, GenerationConfig]
 
 
 
 def predict_config():
-    return pytest.importorskip("finetune_kit.evaluate.config",
-                               reason="finetune_kit.evaluate.config is not written yet").PredictConfig
+    from finetune_kit.evaluate.config import PredictConfig
+
+    return PredictConfig
 
 
 @pytest.fixture()
@@ -90,13 +91,12 @@ def test_read_config_file_problems(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- build
 def check_lf_yaml_values(cfg, tmp_path: Path) -> None:
-    run, model, data, lora, training, gen = (cfg[c] for c in BASE_SECTIONS)
+    run, model, data, encoding, lora, training, gen = (cfg[c] for c in BASE_SECTIONS)
     assert (run.stage, run.do_train, run.do_predict) == ("sft", True, False)
     assert model.model_name_or_path == "bundled:smollm2-135m-instruct"
     assert model.trust_remote_code is True and model.template == "chatml"
     assert data.dataset == ("shop",) and data.dataset_dir == str(tmp_path / "data")
-    assert (data.cutoff_len, data.max_samples, data.overwrite_cache, data.preprocessing_num_workers) == (
-        256, 1000, True, 1)
+    assert (encoding.cutoff_len, data.max_samples) == (256, 1000)
     assert (lora.finetuning_type, lora.lora_rank, lora.lora_alpha, lora.lora_target) == ("lora", 8, 16, ("all",))
     assert lora.lora_dropout == 0.0 and isinstance(lora.lora_dropout, float)
     assert training.output_dir == str(tmp_path / "saves" / "shop")
@@ -108,10 +108,30 @@ def check_lf_yaml_values(cfg, tmp_path: Path) -> None:
     assert gen == GenerationConfig()
 
 
-def test_lf_yaml_builds_every_section(lf_yaml_file, tmp_path):
-    cfg = build(collect([str(lf_yaml_file)]), BASE_SECTIONS)
+def test_lf_yaml_builds_every_section(lf_yaml_file, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="finetune_kit.config"):
+        cfg = build(collect([str(lf_yaml_file)]), BASE_SECTIONS)
     assert set(cfg) == set(BASE_SECTIONS)
     check_lf_yaml_values(cfg, tmp_path)
+    # LLaMA-Factory keys that change nothing here are accepted and named as ignored
+    notes = caplog.text
+    assert "'overwrite_cache' is accepted for LLaMA-Factory compatibility and ignored" in notes
+    assert "'preprocessing_num_workers' is accepted" in notes
+
+
+def test_only_false_keys_are_accepted_when_false_and_refused_when_true():
+    assert set(build({"packing": "false", "streaming": False}, [DataConfig])) == {DataConfig}
+    with pytest.raises(UnknownKeysError, match="packing: true is not supported yet"):
+        build({"packing": True}, [DataConfig])
+
+
+def test_cross_section_checks_join_the_other_problems():
+    def needs_dataset(built):
+        return [] if built[DataConfig].dataset else ["do_train needs a dataset"]
+
+    with pytest.raises(UnknownKeysError) as err:
+        build({"lora_rnak": 4}, [DataConfig, LoraConfig], checks=[needs_dataset])
+    assert len(err.value.problems) == 2 and "do_train needs a dataset" in err.value.problems
 
 
 def test_lf_yaml_builds_the_train_commands_sections(lf_yaml_file, tmp_path):

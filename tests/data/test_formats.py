@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_kit.data.conversations import check_dataset
-from finetune_kit.data.registry import DatasetRegistry, DatasetSpec
+from finetune_kit.data.registry import DatasetRegistry
 from finetune_kit.errors import DatasetError, DatasetRowError
 
 GOOD = {"instruction": "Say hi", "input": "", "output": "hi"}
@@ -195,6 +194,14 @@ def test_sharegpt_bad_alternation(tmp_path):
     assert "alternate" in str(exc)
 
 
+def test_sharegpt_bad_alternation_counts_turns_after_the_system(tmp_path):
+    bad = {"conversations": [turn("system", "s"), turn("human", "a"), turn("gpt", "b"), turn("gpt", "c")]}
+    exc = row_error(tmp_path, [bad], formatting="sharegpt")
+    assert str(exc) == (f"{exc.file}, row 0, field 'conversations': turn 2 is from the assistant but the user was "
+                        "expected (turns must alternate user, assistant, ...). Fix: fix the order of the messages or "
+                        "remove the row")
+
+
 def test_sharegpt_ending_with_the_human(tmp_path):
     bad = {"conversations": [turn("human", "a"), turn("gpt", "b"), turn("human", "c")]}
     exc = row_error(tmp_path, [bad], formatting="sharegpt")
@@ -231,22 +238,3 @@ def test_sharegpt_late_system_message(tmp_path):
     exc = row_error(tmp_path, [bad], formatting="sharegpt")
     assert exc.field == "conversations[1]"
     assert "only come first" in str(exc)
-
-
-# ---------------------------------------------------------------------------------------------- check_dataset
-def test_check_dataset_returns_every_bad_row(tmp_path):
-    rows = [GOOD, {"instruction": "q"}, GOOD, {"instruction": "q", "output": 1}, "not an object", GOOD]
-    (tmp_path / "rows.json").write_text(json.dumps(rows))
-    spec = DatasetSpec.from_info("rows", {"file_name": "rows.json"})
-    count, problems = check_dataset(spec, tmp_path)
-    assert count == 6
-    assert len(problems) == 3
-    assert [p.split(", field")[0] for p in problems] == [
-        f"{tmp_path / 'rows.json'}, row {i}" for i in (1, 3, 4)]
-
-
-def test_check_dataset_on_clean_data_finds_nothing():
-    registry = DatasetRegistry.demo()
-    for name in registry.names:
-        count, problems = check_dataset(registry.spec(name), registry.dataset_dir)
-        assert count > 0 and problems == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,31 @@ def test_dataset_info_problems_are_reported_together(tmp_path):
     assert "'badcols': unknown tags key 'roletag'. Did you mean 'role_tag'?" in problems
 
 
+def test_load_is_typed_as_conversations():
+    assert typing.get_type_hints(DatasetRegistry.load)["return"] is Conversations
+
+
+def test_check_counts_rows_and_lists_every_bad_one(tmp_path):
+    rows = [ROWS[0], {"instruction": "q"}, ROWS[1], {"instruction": "q", "output": 1}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "clean.json").write_text(json.dumps(ROWS))
+    write_info(tmp_path, {"rows": {"file_name": "rows.json", "num_samples": 2}, "clean": {"file_name": "clean.json"},
+                          "hub": {"hf_hub_url": "org/rows"}})
+    registry = DatasetRegistry.from_dir(tmp_path)
+    count, problems = registry.check("rows")
+    assert count == 4
+    assert [p.split(": ")[0] for p in problems] == [f"{tmp_path / 'rows.json'}, row {i}, field 'output'" for i in (1, 3)]
+    assert registry.check("clean") == (6, [])
+    assert registry.check("hub") == (0, [])  # hub rows are checked when loaded
+    with pytest.raises(DatasetError, match="Did you mean 'clean'"):
+        registry.check("claen")
+
+
+def test_check_on_the_demo_finds_nothing():
+    registry = DatasetRegistry.demo()
+    assert [registry.check(name) for name in registry.names] == [(150, []), (30, []), (30, [])]
+
+
 def test_dataset_info_file_problems(tmp_path):
     with pytest.raises(DatasetError, match="dataset_info.json does not exist"):
         DatasetRegistry.from_dir(tmp_path)
@@ -257,3 +283,8 @@ def test_split_that_leaves_a_side_empty_is_refused(demo, val_size):
 def test_split_fraction_rounds_up_like_llamafactory(demo, n, val_size, n_val):
     train, val = demo.head(n).split(val_size)
     assert (len(train), len(val)) == (n - n_val, n_val)
+
+
+def test_conversations_iterate_over_their_examples(demo):
+    assert list(demo.head(3)) == list(demo.examples[:3])
+    assert [ex.source for ex in demo][:2] == _key(demo)[:2]

@@ -181,10 +181,20 @@ def test_unknown_template_lists_the_available_ones():
     [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}],
     [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}],
+    [{"role": "system", "content": "s"}, {"role": "system", "content": "again"}, {"role": "user", "content": "a"}],
+    [{"role": "user", "content": "a"}, {"content": "no role"}],
 ])
 def test_roles_must_alternate(messages):
     with pytest.raises(TemplateError, match="alternate user, assistant"):
         get_template("chatml").segments(messages)
+
+
+def test_bad_role_message_counts_turns_after_the_system_message():
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(TemplateError) as err:
+        get_template("chatml").segments(messages)
+    assert str(err.value) == ("message 1 has role 'user' but 'assistant' was expected: after an optional system "
+                              "message, turns must alternate user, assistant, user, ...")
 
 
 def test_stop_token_ids_keep_only_real_single_tokens(tok):

@@ -137,7 +137,7 @@ def test_multi_turn_truncation_fills_turns_in_order(tok, chatml):
 
 def test_conversations_tokenize_uses_the_models_template(tiny_llama):
     conv = DatasetRegistry.demo().load("shop_sharegpt").head(3)
-    data = conv.tokenize(tiny_llama, cutoff_len=2048)
+    data = tokenize(conv, tiny_llama.tokenizer, tiny_llama.template, cutoff_len=2048)
     assert len(data) == 3 and data.truncated == 0 and data.cutoff_len == 2048
     for i, ex in enumerate(conv.examples):
         row = data.dataset[i]

@@ -65,7 +65,8 @@ def test_predict_results_json_has_llamafactory_keys(predicted):
         assert 0 <= report.scores[key] <= 100
     assert RESULT_KEYS <= set(json.loads((out / "all_results.json").read_text()))
     run = json.loads((out / "finetune_kit_predict.json").read_text())
-    assert run["generation"]["max_new_tokens"] == 6 and run["generation"]["do_sample"] is False
+    assert run["kind"] == "predict" and run["config"]["generation"]["max_new_tokens"] == 6
+    assert run["config"]["generation"]["do_sample"] is False
 
 
 def test_report_repr_table_and_scores_match_records(predicted):

@@ -63,7 +63,7 @@ def test_export_folder_loads_with_plain_transformers_and_keeps_the_template(tiny
 def test_small_export_size_shards_the_weights(tiny_llama, tmp_path):
     import os
 
-    from finetune_kit.export.merge import write_export
+    from finetune_kit.export._write import write_export
 
     big_enough = tiny_llama  # 2-layer model: ~13 MB in fp32, so 1 GB gives one shard
     out = write_export(big_enough, tiny_llama.model, tmp_path / "one", shard_gb=1, legacy=False, info={})

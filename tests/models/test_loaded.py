@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from finetune_kit.models import decoding
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.models.loaded import Completion
 
@@ -96,7 +97,7 @@ def test_finish_cuts_at_a_stop_token(tiny_llama):
     tok = tiny_llama.tokenizer
     words = tok.encode(" Paris is nice", add_special_tokens=False)
     row = [*words, tok.convert_tokens_to_ids("<|im_end|>"), *words]
-    done = tiny_llama._finish(row, 5, GREEDY, ())
+    done = decoding.finish(tiny_llama, row, 5, GREEDY, ())
     assert done == Completion(text=" Paris is nice", prompt_tokens=5, completion_tokens=len(words),
                               finish_reason="stop")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -230,18 +231,18 @@ def test_config_reads_env_at_construction(monkeypatch):
     monkeypatch.setenv("API_PORT", "8123")
     monkeypatch.setenv("API_KEY", "k")
     monkeypatch.setenv("API_MODEL_NAME", "my-model")
-    config = ServeConfig.from_env(api_host="127.0.0.1")
+    config = ServeConfig(api_host="127.0.0.1")
     assert (config.api_host, config.api_port, config.api_key, config.api_model_name) == (
         "127.0.0.1", 8123, "k", "my-model")
     assert "k'" not in repr(config) and "***" in repr(config)
     monkeypatch.setenv("API_PORT", "eighty")
     with pytest.raises(ConfigError, match="api_port"):
         ServeConfig()
-    with pytest.raises(ConfigError, match="Did you mean 'api_port'"):
-        ServeConfig.from_env(api_prt=1)
     monkeypatch.delenv("API_PORT")
     monkeypatch.delenv("API_KEY")
     assert (ServeConfig().api_port, ServeConfig().api_key) == (8000, None)
+    with pytest.raises(ConfigError, match="Did you mean 'api_port'"):
+        ServeConfig().with_(api_prt=1)
 
 
 def test_server_is_immutable_and_names_the_model(tiny_llama):
@@ -254,6 +255,53 @@ def test_server_is_immutable_and_names_the_model(tiny_llama):
         assert [m.id for m in openai.OpenAI(api_key="0", base_url=running.base_url).models.list()] == ["shop-bot"]
     with pytest.raises(TypeError, match="LoadedModel"):
         Server("bundled:smollm2-135m-instruct")  # type: ignore[arg-type]
+
+
+def test_a_loadable_is_loaded_once_on_first_use_and_shared(tiny_llama):
+    class Source:
+        loads = 0
+
+        def load(self):
+            Source.loads += 1
+            return tiny_llama
+
+        def __repr__(self):
+            return "Source()"
+
+    server = Server(Source(), ServeConfig(**LOCAL))
+    copy = server.with_generation(max_new_tokens=4).with_config(api_model_name="bot")
+    assert "Source() (not loaded)" in server.explain() and Source.loads == 0
+    assert copy.model is tiny_llama and server.model is tiny_llama and Source.loads == 1
+    assert (server.model_name, copy.model_name) == ("tiny-llama", "bot")
+    assert not server.generation.do_sample and copy.generation.max_new_tokens == 4  # greedy by default
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        server.config = ServeConfig(**LOCAL)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("module", "package"), [
+    ("uvicorn", "uvicorn"), ("fastapi", "fastapi"), ("sse_starlette", "sse-starlette")])
+def test_missing_serve_extra_names_the_pip_command(module, package):
+    code = f"""
+import sys
+sys.modules[{module!r}] = None  # as if not installed
+from finetune_kit.errors import MissingDependencyError
+from finetune_kit.serve import Server
+
+class NeverLoaded:
+    def load(self):
+        raise AssertionError("the model was loaded before the serve extra was checked")
+
+for use in (lambda s: s.start(), lambda s: s.run(), lambda s: s.app):
+    try:
+        use(Server(NeverLoaded()))
+    except MissingDependencyError as exc:
+        print(exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3, out.stdout + out.stderr
+    assert all(f"needs the package '{package}'" in line and 'pip install "finetune-kit[serve]"' in line
+               for line in lines)
 
 
 def test_busy_port_fails_at_start_with_a_fix(handle, tiny_llama):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune_kit import DatasetRegistry, LoraTrainer, OutputExistsError, TrainResult
-from finetune_kit.errors import ConfigError, EnvironmentCheckError
+from finetune_kit.errors import ConfigError, EnvironmentCheckError, FinetuneKitWarning
 
 ROWS = [
     {"instruction": "你们包邮吗？", "input": "", "output": "满九十九元包邮。"},
@@ -88,15 +88,14 @@ def test_existing_output_dir_is_never_overwritten_by_default(tiny_llama, tmp_pat
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_rerun_resumes_from_the_last_checkpoint(tiny_llama, tmp_path, capsys):
+def test_rerun_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
     data = write_dataset(tmp_path / "data").load("tiny")
     out = tmp_path / "out"
     quick_trainer(tiny_llama, out, max_steps=2, save_steps=2).train(data)
     assert (out / "checkpoint-2").is_dir()
     first_log = (out / "trainer_log.jsonl").read_text().splitlines()
-    capsys.readouterr()
-    result = quick_trainer(tiny_llama, out, max_steps=4, save_steps=2).train(data)
-    assert "Resuming training from" in capsys.readouterr().out
+    with pytest.warns(FinetuneKitWarning, match="Resuming training from"):
+        result = quick_trainer(tiny_llama, out, max_steps=4, save_steps=2).train(data)
     steps = [e["step"] for e in result.log_history if "loss" in e]
     assert steps == [1, 2, 3, 4]
     log = (out / "trainer_log.jsonl").read_text().splitlines()

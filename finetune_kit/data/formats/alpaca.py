@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_kit.data.formats.common import ensure_row_object, text_field
+from finetune_kit.data.messages import Message
 from finetune_kit.errors import DatasetRowError
 
+if TYPE_CHECKING:  # for annotations only: spec.py imports the format registry (see formats/__init__.py)
+    from finetune_kit.data.spec import DatasetSpec
 
-def to_messages(row: Any, spec: Any, where: tuple[str, int]) -> list[dict[str, str]]:
+
+def to_messages(row: Any, spec: DatasetSpec, where: tuple[str, int]) -> list[Message]:
     """Turn one alpaca row into chat messages.
 
     The user turn is ``instruction`` and ``input`` joined by a newline (LLaMA-Factory's rule);
@@ -24,7 +28,7 @@ def to_messages(row: Any, spec: Any, where: tuple[str, int]) -> list[dict[str, s
                               problem=f"both '{cols('prompt')}' and '{cols('query')}' are empty",
                               fix="give the row an instruction, or remove it")
     response = text_field(row, cols("response"), where, required=True, key="response")
-    messages: list[dict[str, str]] = []
+    messages: list[Message] = []
     system_col = spec.columns.get("system")
     if system_col:
         system = text_field(row, system_col, where, required=False, key="system")

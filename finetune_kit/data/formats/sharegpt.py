@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_kit.data.formats.common import ensure_row_object, text_field
+from finetune_kit.data.messages import Message, check_turns
 from finetune_kit.errors import DatasetRowError
 
+if TYPE_CHECKING:  # for annotations only: spec.py imports the format registry (see formats/__init__.py)
+    from finetune_kit.data.spec import DatasetSpec
 
-def to_messages(row: Any, spec: Any, where: tuple[str, int]) -> list[dict[str, str]]:
+
+def to_messages(row: Any, spec: DatasetSpec, where: tuple[str, int]) -> list[Message]:
     """Turn one sharegpt row into chat messages, checking that roles alternate.
 
     After an optional leading system message, turns must go user, assistant, user, ... and end
@@ -29,7 +33,7 @@ def to_messages(row: Any, spec: Any, where: tuple[str, int]) -> list[dict[str, s
                               f"got {str(turns)[:60]!r}", fix="write the conversation as a list of messages")
     roles = {tags("user_tag"): "user", tags("assistant_tag"): "assistant", tags("system_tag"): "system"}
     unsupported = {tags("observation_tag"), tags("function_tag")}
-    messages: list[dict[str, str]] = []
+    messages: list[Message] = []
     system_col = spec.columns.get("system")
     if system_col and row.get(system_col):
         messages.append({"role": "system", "content": text_field(row, system_col, where, required=True, key="system")})
@@ -60,14 +64,13 @@ def to_messages(row: Any, spec: Any, where: tuple[str, int]) -> list[dict[str, s
             messages = [{"role": "system", "content": content}]
             continue
         messages.append({"role": role, "content": content})
+    problem = check_turns([m["role"] for m in messages])
+    if problem is not None:
+        raise DatasetRowError(file=file, row=index, field=col,
+                              problem=f"turn {problem.turn} is from the {problem.role} but the {problem.expected} was "
+                                      "expected (turns must alternate user, assistant, ...)",
+                              fix="fix the order of the messages or remove the row")
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
-    for i, msg in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if msg["role"] != expected:
-            raise DatasetRowError(file=file, row=index, field=col,
-                                  problem=f"turn {i} is from the {msg['role']} but the {expected} was expected "
-                                          "(turns must alternate user, assistant, ...)",
-                                  fix="fix the order of the messages or remove the row")
     if not body or body[-1]["role"] != "assistant":
         raise DatasetRowError(file=file, row=index, field=col,
                               problem="the conversation does not end with an assistant reply, so there is nothing to train",

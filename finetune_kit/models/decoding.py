@@ -1,0 +1,155 @@
+"""Hugging Face decoding for a :class:`LoadedModel`: batched generation, streaming and stop strings.
+
+This is the engine behind ``LoadedModel.generate/stream/chat``; another backend replaces this
+module's role by satisfying :class:`finetune_kit.models.engine.Engine`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from finetune_kit.data.template import Message
+from finetune_kit.models.engine import Completion, FinishReason
+from finetune_kit.models.generation import GenerationConfig
+
+if TYPE_CHECKING:
+    from finetune_kit.models.loaded import LoadedModel
+
+
+def as_messages(messages: str | Sequence[Message], system: str | None = None) -> list[Message]:
+    """A user string becomes one user turn; ``system`` is prepended unless the conversation has one."""
+    msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else [dict(m) for m in messages]
+    if system is not None and not (msgs and msgs[0]["role"] == "system"):
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
+def generate(lm: LoadedModel, conversations: Sequence[Sequence[Message]], gen: GenerationConfig, *,
+             batch_size: int, stop: Sequence[str]) -> list[Completion]:
+    """Replies for many conversations, in left-padded batches of ``batch_size``."""
+    import torch
+
+    results: list[Completion] = []
+    prompts = [lm.encode_prompt(c) for c in conversations]
+    pad_id = pad_token_id(lm)
+    model, device = lm.model, lm.device
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id,
+                                 eos_token_id=lm.stop_token_ids, **_stop_kwargs(lm, stop), **gen.to_hf_kwargs())
+        for row, prompt in zip(out[:, width:].tolist(), chunk):
+            results.append(finish(lm, row, len(prompt), gen, stop))
+    return results
+
+
+def stream(lm: LoadedModel, messages: Sequence[Message], gen: GenerationConfig, *,
+           stop: Sequence[str]) -> Iterator[str | Completion]:
+    """Text pieces as they are generated, then one final :class:`Completion`.
+
+    A tail that could be the start of a stop string (or half of a multi-byte character) is held
+    back until the next piece shows what it is, so no stop string ever reaches the caller.
+    """
+    import torch
+    from transformers import TextIteratorStreamer
+
+    prompt = lm.encode_prompt(messages)
+    streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=gen.skip_special_tokens)
+    holder: dict[str, Any] = {}
+    ids = torch.tensor([prompt], device=lm.device)
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                holder["out"] = lm.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                    pad_token_id=pad_token_id(lm), eos_token_id=lm.stop_token_ids,
+                    **_stop_kwargs(lm, stop), **gen.to_hf_kwargs())
+        except BaseException as exc:  # re-raised in the consuming thread
+            holder["error"] = exc
+            streamer.end()
+
+    lm.model.eval()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    sent = ""  # text already yielded
+    seen = ""  # text generated so far
+    stopped_early = False
+    for piece in streamer:
+        seen += piece
+        cut = cut_at_stop(seen, stop)
+        if cut is not None:
+            if cut > len(sent):
+                yield seen[len(sent):cut]
+            stopped_early = True
+            break
+        safe = len(seen) - max(stop_prefix_len(seen, stop), len(seen) - len(seen.rstrip("\ufffd")))
+        if safe > len(sent):
+            yield seen[len(sent):safe]
+            sent = seen[:safe]
+    if stopped_early:  # drain after a stop string so the generation thread can finish
+        for _ in streamer:
+            pass
+    thread.join()
+    if "error" in holder:
+        raise holder["error"]
+    row = holder["out"][0, len(prompt):].tolist()
+    final = finish(lm, row, len(prompt), gen, stop)
+    if not stopped_early and len(final.text) > len(sent) and final.text.startswith(sent):
+        yield final.text[len(sent):]  # the held-back tail turned out not to be a stop string
+    yield final
+
+
+def pad_token_id(lm: LoadedModel) -> int:
+    pad = lm.tokenizer.pad_token_id
+    return pad if pad is not None else lm.stop_token_ids[0]
+
+
+def finish(lm: LoadedModel, row: list[int], n_prompt: int, gen: GenerationConfig, stop: Sequence[str]) -> Completion:
+    """Cut a generated row at the first stop token or stop string, decode it and say why it ended."""
+    stops = set(lm.stop_token_ids)
+    pad = lm.tokenizer.pad_token_id
+    tokens: list[int] = []
+    reason: FinishReason = "length"
+    for tid in row:
+        if tid in stops:
+            reason = "stop"
+            break
+        tokens.append(tid)
+    if reason == "length" and pad is not None and pad not in stops:
+        while tokens and tokens[-1] == pad:
+            tokens.pop()
+    text = lm.tokenizer.decode(tokens, skip_special_tokens=gen.skip_special_tokens)
+    if reason == "length":
+        text = text.rstrip("\ufffd")  # the token limit split a multi-byte character
+    cut = cut_at_stop(text, stop)
+    if cut is not None:
+        text, reason = text[:cut], "stop"
+    return Completion(text=text, prompt_tokens=n_prompt, completion_tokens=len(tokens), finish_reason=reason)
+
+
+def _stop_kwargs(lm: LoadedModel, stop: Sequence[str]) -> dict[str, Any]:
+    return {"stop_strings": list(stop), "tokenizer": lm.tokenizer} if stop else {}
+
+
+def stop_prefix_len(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-k:]):
+                best = k
+                break
+    return best
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first stop string starts in ``text``, or None."""
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None

@@ -1,0 +1,149 @@
+"""Loading a model: one :class:`LoadPlan` decides every ``from_pretrained`` argument before weights are read.
+
+Inference (``ModelSource.load``) and training (``LoraTrainer.train`` with a ``ModelSource``)
+go through :func:`plan_load` and :func:`load_model`; ``ModelSource.explain()`` and
+``LoraTrainer.explain()`` print the plan. Dtype, placement, attention kernel and (later)
+quantization and kernel patching are decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from finetune_kit._artifacts import saved_template
+from finetune_kit.data.template import ChatTemplate, get_template
+from finetune_kit.models.bundled import BUNDLED
+from finetune_kit.models.loaded import LoadedModel
+
+if TYPE_CHECKING:
+    from finetune_kit.models.source import ModelSource
+
+Purpose = Literal["inference", "training"]
+_ATTENTION = {"auto": None, "sdpa": "sdpa", "disabled": "eager", "eager": "eager", "fa2": "flash_attention_2"}
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a model will be loaded: the resolved ``from_pretrained`` arguments and what is applied after.
+
+    ``device`` is where the weights are placed at load time (``cuda:N`` under ``accelerate
+    launch`` is the process's own GPU); ``template``/``default_system`` are the chat template
+    chosen for the tokenizer (explicit, else the adapter's recorded one, else the bundled model's).
+    """
+
+    model: str
+    purpose: Purpose
+    dtype: str
+    device: str
+    attn_implementation: str | None
+    template: str | None
+    default_system: str | None
+    adapters: tuple[str, ...]
+    trust_remote_code: bool
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``AutoModelForCausalLM.from_pretrained``."""
+        import torch
+
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype), "trust_remote_code": self.trust_remote_code}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.device.startswith("cuda"):
+            kwargs["device_map"] = {"": self.device}  # straight onto this process's GPU, no CPU copy first
+        return kwargs
+
+    def explain(self) -> str:
+        adapters = ", ".join(self.adapters) if self.adapters else "none"
+        if len(self.adapters) > 1:
+            adapters += " (all but the last merged at load time)"
+        return "\n".join([
+            f"load:             {self.model} for {self.purpose}",
+            f"  dtype:          {self.dtype}",
+            f"  device:         {self.device}",
+            f"  attention:      {self.attn_implementation or 'transformers default (sdpa where supported)'}",
+            f"  template:       {self.template or 'the tokenizer own chat template'}",
+            f"  adapters:       {adapters}",
+        ])
+
+
+def local_device(requested: str = "auto") -> str:
+    """The device this process should use: ``cpu``, or its own CUDA device (``LOCAL_RANK`` under a launcher)."""
+    import torch
+
+    if requested == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(rank) if rank is not None else torch.cuda.current_device()}"
+
+
+def training_dtype(infer_dtype: str, *, bf16: bool, fp16: bool) -> str:
+    """LLaMA-Factory's rule: weights in the mixed-precision dtype (bf16/fp16) when enabled, else float32."""
+    if infer_dtype != "auto":
+        return infer_dtype
+    return "bfloat16" if bf16 else "float16" if fp16 else "float32"
+
+
+def plan_load(source: ModelSource, *, purpose: Purpose = "inference", bf16: bool = False,
+              fp16: bool = False) -> LoadPlan:
+    """Decide how ``source`` will be loaded (nothing is read but small JSON records)."""
+    import torch
+
+    cfg = source.config
+    adapters = tuple(cfg.adapter_name_or_path or ())
+    template, system = cfg.template, cfg.default_system
+    if template is None and adapters:
+        template, saved_system = saved_template(adapters)
+        system = system if system is not None else saved_system
+    if template is None and source.kind == "bundled":
+        template = BUNDLED[source.location].template
+    device = local_device(cfg.device)
+    if purpose == "training":
+        dtype = training_dtype(cfg.infer_dtype, bf16=bf16, fp16=fp16)
+    elif cfg.infer_dtype != "auto":
+        dtype = cfg.infer_dtype
+    elif device.startswith("cuda"):
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    else:
+        dtype = "float32"
+    return LoadPlan(model=source.display_name, purpose=purpose, dtype=dtype, device=device,
+                    attn_implementation=_ATTENTION[cfg.flash_attn], template=template, default_system=system,
+                    adapters=adapters, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_tokenizer(source: ModelSource, path: Path, plan: LoadPlan) -> tuple[Any, ChatTemplate]:
+    """Load the tokenizer and fit it to the plan's template (EOS = the first stop word, pad set)."""
+    from transformers import AutoTokenizer
+
+    cfg = source.config
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, token=cfg.hf_hub_token)
+    template = get_template(plan.template, tokenizer, default_system=plan.default_system)
+    if template.stop_words:
+        first = template.stop_words[0]
+        tid = tokenizer.convert_tokens_to_ids(first)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tokenizer.eos_token != first:
+            tokenizer.eos_token = first  # like LLaMA-Factory's replace_eos: replies end with the stop word
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, template
+
+
+def load_model(source: ModelSource, plan: LoadPlan | None = None) -> LoadedModel:
+    """Resolve ``source`` and load tokenizer, template, weights and adapters as ``plan`` says."""
+    from transformers import AutoModelForCausalLM
+
+    plan = plan or plan_load(source)
+    path = source.resolve()
+    tokenizer, template = load_tokenizer(source, path, plan)
+    model = AutoModelForCausalLM.from_pretrained(path, **plan.from_pretrained_kwargs())
+    if plan.device == "cpu" and model.device.type != "cpu":
+        model.to("cpu")
+    if plan.adapters:
+        from finetune_kit.models.adapters import apply_adapters
+
+        model = apply_adapters(model, plan.adapters, trainable=plan.purpose == "training")
+    resolved = source.with_config(template=plan.template, default_system=plan.default_system)
+    return LoadedModel(source=resolved, model=model, tokenizer=tokenizer, template=template,
+                       adapters=plan.adapters)

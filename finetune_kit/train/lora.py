@@ -1,0 +1,73 @@
+"""The LoRA method: which layers get adapters, attaching them with peft, and counting what is trained."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_kit.errors import ConfigError
+from finetune_kit.models.adapters import is_peft
+from finetune_kit.train.config import LoraConfig
+
+_HEADS = {"lm_head", "output_layer", "output", "embed_out", "score"}
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Leaf names of every linear layer except the output head (LLaMA-Factory's ``lora_target: all``)."""
+    import torch
+
+    names = set()
+    for full, module in model.named_modules():
+        leaf = full.split(".")[-1]
+        if isinstance(module, torch.nn.Linear) and leaf not in _HEADS and "lora_" not in full:
+            names.add(leaf)
+    return sorted(names)
+
+
+def resolve_targets(model: Any, lora: LoraConfig) -> list[str]:
+    """The module names LoRA will wrap: every linear layer for ``all``, else the named ones (checked)."""
+    available = linear_module_names(model)
+    if lora.lora_target == ("all",):
+        return available
+    missing = [t for t in lora.lora_target if t not in available]
+    if missing:
+        raise ConfigError(f"lora_target names {missing} match no linear layer of this model. Available: "
+                          f"{', '.join(available)} (or 'all')")
+    return list(lora.lora_target)
+
+
+def count_lora_params(model: Any, targets: list[str], rank: int) -> int:
+    """Parameters LoRA adds: ``r * (in + out)`` for each targeted linear layer."""
+    import torch
+
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets and "lora_" not in name)
+
+
+def attach_lora(model: Any, lora: LoraConfig, targets: list[str], *, seed: int,
+                gradient_checkpointing: bool) -> Any:
+    """Wrap ``model`` with fresh LoRA layers, or make its (already loaded) adapter trainable.
+
+    ``model`` must be the trainer's own: peft injects layers into it. Trainable weights are kept
+    in float32 so bf16/fp16 autocast updates them in full precision.
+    """
+    import peft
+    import torch
+    from transformers import set_seed
+
+    set_seed(seed)
+    if is_peft(model):
+        for name, p in model.named_parameters():
+            p.requires_grad = "lora_" in name
+        peft_model = model
+    else:
+        cfg = peft.LoraConfig(
+            task_type="CAUSAL_LM", r=lora.lora_rank, lora_alpha=lora.alpha, lora_dropout=lora.lora_dropout,
+            target_modules=targets, use_rslora=lora.use_rslora,
+            modules_to_save=list(lora.additional_target) if lora.additional_target else None)
+        peft_model = peft.get_peft_model(model, cfg)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+    return peft_model

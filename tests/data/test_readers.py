@@ -1,0 +1,144 @@
+"""Reading a dataset: files or the hub, LLaMA-Factory's num_samples then max_samples, every bad row checked."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from finetune_kit.data.conversations import Example
+from finetune_kit.data.readers import check_dataset, read_dataset
+from finetune_kit.data.registry import DatasetRegistry
+from finetune_kit.data.spec import DatasetSpec
+from finetune_kit.errors import DatasetError, DatasetRowError
+
+GOOD = {"instruction": "Say hi", "input": "", "output": "hi"}
+ROWS = [{"instruction": f"question {i}", "input": "", "output": f"answer {i}"} for i in range(6)]
+
+
+def spec(**entry) -> DatasetSpec:
+    return DatasetSpec.from_info("d", {"file_name": "rows.json", **entry})
+
+
+def labels(examples: list[Example]) -> list[str]:
+    return [ex.label for ex in examples]
+
+
+@pytest.fixture()
+def rows_dir(tmp_path: Path) -> Path:
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS), encoding="utf-8")
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------- read_dataset
+def test_read_dataset_converts_every_row_and_names_its_source(rows_dir):
+    examples = read_dataset(spec(), rows_dir, None)
+    assert all(isinstance(ex, Example) for ex in examples)
+    assert labels(examples) == [f"answer {i}" for i in range(6)]
+    assert examples[2].source == f"{rows_dir / 'rows.json'}, row 2"
+    assert examples[2].messages == ({"role": "user", "content": "question 2"},
+                                    {"role": "assistant", "content": "answer 2"})
+
+
+def test_read_dataset_max_samples_keeps_the_first_rows(rows_dir):
+    assert labels(read_dataset(spec(), rows_dir, 2)) == ["answer 0", "answer 1"]
+    assert len(read_dataset(spec(), rows_dir, 100)) == 6
+
+
+def test_read_dataset_absolute_file_name_ignores_dataset_dir(rows_dir, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    examples = read_dataset(spec(file_name=str(rows_dir / "rows.json")), elsewhere, None)
+    assert len(examples) == 6
+
+
+def test_read_dataset_num_samples_is_llamafactorys_seeded_sample(rows_dir):
+    rows = list(range(6))
+    fewer = labels(read_dataset(spec(num_samples=4), rows_dir, None))
+    assert fewer == [f"answer {i}" for i in random.Random(0).sample(rows, 4)]
+    rng = random.Random(0)
+    more = labels(read_dataset(spec(num_samples=9), rows_dir, None))
+    assert more == [f"answer {i}" for i in rows + [rng.choice(rows) for _ in range(3)]]
+    assert labels(read_dataset(spec(num_samples=4), rows_dir, 2)) == fewer[:2]  # sample, then truncate
+
+
+def test_read_dataset_with_no_rows_is_an_error(tmp_path):
+    (tmp_path / "rows.json").write_text("[]")
+    with pytest.raises(DatasetError, match="dataset 'd' has no rows"):
+        read_dataset(spec(), tmp_path, None)
+
+
+def test_read_dataset_stops_at_the_first_bad_row(tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps([GOOD, {"instruction": "q"}, {"output": 1}]))
+    with pytest.raises(DatasetRowError) as err:
+        read_dataset(spec(), tmp_path, None)
+    assert (err.value.row, err.value.field) == (1, "output")
+
+
+def test_read_dataset_from_the_hub_passes_subset_folder_and_split(monkeypatch, tmp_path):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(url, **kwargs):
+        calls.append((url, kwargs))
+        return ROWS[:3]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    hub = DatasetSpec.from_info("h", {"hf_hub_url": "org/rows", "subset": "zh", "folder": "v1", "split": "test"})
+    examples = read_dataset(hub, tmp_path, None)
+    assert calls == [("org/rows", {"name": "zh", "data_dir": "v1", "split": "test"})]
+    assert labels(examples) == ["answer 0", "answer 1", "answer 2"]
+    assert examples[1].source == "org/rows, row 1"
+
+
+def test_read_dataset_hub_failure_names_the_fix(monkeypatch, tmp_path):
+    import datasets
+
+    def fail(url, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    hub = DatasetSpec.from_info("h", {"hf_hub_url": "org/rows"})
+    with pytest.raises(DatasetError) as err:
+        read_dataset(hub, tmp_path, None)
+    assert str(err.value) == ("dataset 'h': cannot load 'org/rows' from the hub (ConnectionError: offline). "
+                              "Fix: download the files and point file_name at them")
+    assert isinstance(err.value.__cause__, ConnectionError)
+
+
+# ---------------------------------------------------------------------------------------------- check_dataset
+def test_check_dataset_returns_every_bad_row(tmp_path):
+    rows = [GOOD, {"instruction": "q"}, GOOD, {"instruction": "q", "output": 1}, "not an object", GOOD]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    spec = DatasetSpec.from_info("rows", {"file_name": "rows.json"})
+    count, problems = check_dataset(spec, tmp_path)
+    assert count == 6
+    assert len(problems) == 3
+    assert [p.split(", field")[0] for p in problems] == [
+        f"{tmp_path / 'rows.json'}, row {i}" for i in (1, 3, 4)]
+
+
+def test_check_dataset_on_clean_data_finds_nothing():
+    registry = DatasetRegistry.demo()
+    for name in registry.names:
+        count, problems = check_dataset(registry.spec(name), registry.dataset_dir)
+        assert count > 0 and problems == []
+
+
+def test_check_dataset_reads_every_row_despite_num_samples(rows_dir):
+    assert check_dataset(spec(num_samples=2), rows_dir) == (6, [])
+
+
+def test_check_dataset_leaves_hub_datasets_to_load_time(monkeypatch, tmp_path):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("check_dataset must not download"))
+    assert check_dataset(DatasetSpec.from_info("h", {"hf_hub_url": "org/rows"}), tmp_path) == (0, [])
+
+
+def test_check_dataset_file_problems_still_raise(tmp_path):
+    (tmp_path / "rows.json").write_text('[{"instruction": "a", "output": b}]')
+    with pytest.raises(DatasetError, match="not valid JSON at line 1"):
+        check_dataset(spec(), tmp_path)
