@@ -32,6 +32,7 @@ _EXPORTS = {
     "GenerationConfig": "finetune_kit.models.generation",
     "ChatTemplate": "finetune_kit.data.template",
     "DatasetRegistry": "finetune_kit.data.registry",
+    "DatasetSpec": "finetune_kit.data.spec",
     "Conversations": "finetune_kit.data.conversations",
     "Example": "finetune_kit.data.conversations",
     "DataConfig": "finetune_kit.data.config",
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
     from finetune_kit.data.config import DataConfig, EncodingConfig
     from finetune_kit.data.conversations import Conversations, Example
     from finetune_kit.data.registry import DatasetRegistry
+    from finetune_kit.data.spec import DatasetSpec
     from finetune_kit.data.template import ChatTemplate
     from finetune_kit.data.tokenize import TokenizedDataset
     from finetune_kit.environment import Environment

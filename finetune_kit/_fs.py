@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -41,8 +42,6 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 def write_json(path: Path, data: object, *, indent: int = 2, sort_keys: bool = False) -> None:
     """Write ``data`` as UTF-8 JSON atomically: a temporary sibling renamed over ``path``."""
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

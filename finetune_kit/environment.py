@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -128,8 +129,6 @@ def _version(name: str) -> str | None:
 
 def _driver_version() -> str | None:
     try:
-        import subprocess
-
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None

@@ -7,6 +7,7 @@ Messages say what was wrong, the value received, and how to fix it.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 
 
@@ -93,7 +94,5 @@ class FinetuneKitWarning(UserWarning):
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Return a ``" Did you mean 'x'?"`` suffix for the closest choice, or ``""``."""
-    import difflib
-
     close = difflib.get_close_matches(value, list(choices), n=1)
     return f" Did you mean '{close[0]}'?" if close else ""

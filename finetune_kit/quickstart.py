@@ -11,6 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_kit.config.base import StageConfig, option
+from finetune_kit.data.registry import DatasetRegistry
+from finetune_kit.environment import Environment
+from finetune_kit.evaluate.evaluator import Evaluator
+from finetune_kit.export.exporter import Exporter
+from finetune_kit.models.generation import DEFAULT_GENERATION
+from finetune_kit.models.source import ModelSource
+from finetune_kit.train.trainer import LoraTrainer
 
 
 @dataclass(frozen=True, repr=False)
@@ -35,9 +42,6 @@ def _step(n: int, title: str) -> None:
 
 def run_quickstart(cfg: QuickstartConfig) -> Path:
     """Run the quickstart and return its output folder."""
-    from finetune_kit import DatasetRegistry, Environment, Evaluator, Exporter, LoraTrainer, ModelSource
-    from finetune_kit.models.generation import DEFAULT_GENERATION
-
     start = time.time()
     out = Path(cfg.output_dir or Path("quickstart_output") / time.strftime("run-%Y%m%d-%H%M%S")).absolute()
     print(f"finetune_kit quickstart: everything will be written under {out}")

@@ -40,6 +40,7 @@ EXPECTED = sorted([
     "OutputExistsError",
     "TemplateError",
     "LoadPlan",
+    "DatasetSpec",
     "Completion",
     "Engine",
     "ChatTemplate",

@@ -165,17 +165,12 @@ def test_readme_yaml_datasets_exist() -> None:
 
 # ------------------------------------------------------------------ docs/cli.md key table
 def config_classes() -> dict[str, type]:
-    from finetune_kit.config.run import RunConfig
-    from finetune_kit.data.config import DataConfig
-    from finetune_kit.evaluate.config import PredictConfig
-    from finetune_kit.export.config import ExportConfig
-    from finetune_kit.models.config import ModelConfig
-    from finetune_kit.models.generation import GenerationConfig
-    from finetune_kit.serve.config import ServeConfig
-    from finetune_kit.train.config import LoraConfig, TrainingConfig
+    """Every config section a LLaMA-Factory-style command parses (the quickstart's own keys aside)."""
+    from finetune_kit.cli.commands import COMMANDS
+    from finetune_kit.quickstart import QuickstartConfig
 
-    classes = [ModelConfig, DataConfig, LoraConfig, TrainingConfig, RunConfig, GenerationConfig, PredictConfig,
-               ExportConfig, ServeConfig]
+    classes = {cls for name, command in COMMANDS.items() for cls in command.sections if cls is not QuickstartConfig}
+    assert len(classes) == 10, sorted(c.__name__ for c in classes)
     return {cls.__name__: cls for cls in classes}
 
 

@@ -9,16 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_kit._version import __version__
+from finetune_kit.cli.workflows import run_chat, run_data_check, run_predict, run_train, train_checks
 from finetune_kit.config.base import StageConfig
 from finetune_kit.config.parse import Built, Check, build, collect, describe
 from finetune_kit.config.run import RunConfig
 from finetune_kit.data.config import DataConfig, EncodingConfig
+from finetune_kit.environment import Environment
 from finetune_kit.evaluate.config import PredictConfig
 from finetune_kit.export.config import ExportConfig
+from finetune_kit.export.exporter import Exporter
 from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.generation import GenerationConfig
-from finetune_kit.quickstart import QuickstartConfig
+from finetune_kit.models.source import ModelSource
+from finetune_kit.quickstart import QuickstartConfig, run_quickstart
 from finetune_kit.serve.config import ServeConfig
+from finetune_kit.serve.server import Server
 from finetune_kit.train.config import LoraConfig, TrainingConfig
 
 
@@ -30,8 +35,6 @@ def _parse(argv: Sequence[str], command: Command) -> Built | None:
 
 
 def env(argv: Sequence[str]) -> int:
-    from finetune_kit.environment import Environment
-
     print(Environment.detect().report())
     return 0
 
@@ -42,8 +45,6 @@ def version(argv: Sequence[str]) -> int:
 
 
 def train(argv: Sequence[str]) -> int:
-    from finetune_kit.cli.workflows import run_train
-
     cfg = _parse(argv, COMMANDS["train"])
     if cfg is not None:
         run_train(cfg[RunConfig], cfg[ModelConfig], cfg[DataConfig], cfg[EncodingConfig],  # type: ignore[arg-type]
@@ -52,8 +53,6 @@ def train(argv: Sequence[str]) -> int:
 
 
 def evaluate(argv: Sequence[str]) -> int:
-    from finetune_kit.cli.workflows import run_predict
-
     cfg = _parse(argv, COMMANDS["eval"])
     if cfg is not None:
         run_predict(cfg[ModelConfig], cfg[DataConfig], cfg[GenerationConfig], cfg[PredictConfig])  # type: ignore[arg-type]
@@ -61,9 +60,6 @@ def evaluate(argv: Sequence[str]) -> int:
 
 
 def export(argv: Sequence[str]) -> int:
-    from finetune_kit.export.exporter import Exporter
-    from finetune_kit.models.source import ModelSource
-
     cfg = _parse(argv, COMMANDS["export"])
     if cfg is not None:
         exported = Exporter(ModelSource.from_config(cfg[ModelConfig]), cfg[ExportConfig]).merge()  # type: ignore[arg-type]
@@ -72,9 +68,6 @@ def export(argv: Sequence[str]) -> int:
 
 
 def api(argv: Sequence[str]) -> int:
-    from finetune_kit.models.source import ModelSource
-    from finetune_kit.serve.server import Server
-
     cfg = _parse(argv, COMMANDS["api"])
     if cfg is not None:
         model = ModelSource.from_config(cfg[ModelConfig]).load()  # type: ignore[arg-type]
@@ -83,8 +76,6 @@ def api(argv: Sequence[str]) -> int:
 
 
 def chat(argv: Sequence[str]) -> int:
-    from finetune_kit.cli.workflows import run_chat
-
     cfg = _parse(argv, COMMANDS["chat"])
     if cfg is not None:
         run_chat(cfg[ModelConfig], cfg[GenerationConfig])  # type: ignore[arg-type]
@@ -92,8 +83,6 @@ def chat(argv: Sequence[str]) -> int:
 
 
 def quickstart(argv: Sequence[str]) -> int:
-    from finetune_kit.quickstart import run_quickstart
-
     cfg = _parse(argv, COMMANDS["quickstart"])
     if cfg is not None:
         run_quickstart(cfg[QuickstartConfig])  # type: ignore[arg-type]
@@ -101,8 +90,6 @@ def quickstart(argv: Sequence[str]) -> int:
 
 
 def data(argv: Sequence[str]) -> int:
-    from finetune_kit.cli.workflows import run_data_check
-
     if not argv or argv[0] != "check":
         print(f"usage: finetune-kit {COMMANDS['data'].usage}")
         return 2
@@ -111,12 +98,6 @@ def data(argv: Sequence[str]) -> int:
         rest = [f"dataset_dir={rest[0]}", *rest[1:]]
     cfg = _parse(rest, COMMANDS["data"])
     return 0 if cfg is None else run_data_check(cfg[DataConfig])  # type: ignore[arg-type]
-
-
-def _train_checks(built: Built) -> list[str]:
-    from finetune_kit.cli.workflows import train_checks
-
-    return train_checks(built)
 
 
 @dataclass(frozen=True)
@@ -135,7 +116,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train config.yaml [key=value ...] [--key value ...]",
                      "LoRA SFT (and do_predict) from an LLaMA-Factory-style YAML", train,
                      (RunConfig, ModelConfig, DataConfig, EncodingConfig, LoraConfig, TrainingConfig,
-                      GenerationConfig, PredictConfig), (_train_checks,)),
+                      GenerationConfig, PredictConfig), (train_checks,)),
     "eval": Command("eval config.yaml eval_dataset=NAME output_dir=DIR ...",
                     "generate on eval_dataset and score ROUGE/BLEU (predict)", evaluate,
                     (ModelConfig, LoraConfig, DataConfig, GenerationConfig, PredictConfig)),
@@ -159,7 +140,8 @@ COMMANDS: dict[str, Command] = {
 def usage() -> str:
     """The top-level usage text, from :data:`COMMANDS`."""
     width = max(len(n) for n in COMMANDS) + 3
-    lines = [f"  {(name + ' check') if name == 'data' else name:<{width + 3}}{c.summary}" for name, c in COMMANDS.items()]
+    lines = [f"  {(name + ' check') if name == 'data' else name:<{width + 3}}{c.summary}"
+             for name, c in COMMANDS.items()]
     return ("usage: finetune-kit <command> [config.yaml] [key=value ...] [--key value ...]\n\ncommands:\n"
             + "\n".join(lines) + "\n\n`finetune-kit <command> --help` lists the keys a command accepts.")
 

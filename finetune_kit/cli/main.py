@@ -10,11 +10,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from finetune_kit.cli.commands import COMMANDS, configure_logging, usage
+from finetune_kit.errors import FinetuneKitError, did_you_mean
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from finetune_kit.cli.commands import COMMANDS, configure_logging, usage
-    from finetune_kit.errors import FinetuneKitError, did_you_mean
-
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())

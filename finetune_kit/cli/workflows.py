@@ -9,13 +9,16 @@ from finetune_kit.config.parse import Built
 from finetune_kit.config.run import RunConfig
 from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.data.registry import DatasetRegistry
+from finetune_kit.errors import ConfigError
 from finetune_kit.evaluate.config import PredictConfig
+from finetune_kit.evaluate.evaluator import Evaluator
 from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.engine import Completion
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.models.loaded import LoadedModel
 from finetune_kit.models.source import ModelSource
 from finetune_kit.train.config import LoraConfig, TrainingConfig
+from finetune_kit.train.trainer import LoraTrainer
 
 
 def is_main_process() -> bool:
@@ -45,8 +48,6 @@ def train_checks(built: Built) -> list[str]:
 def run_train(run: RunConfig, model_cfg: ModelConfig, data: DataConfig, encoding: EncodingConfig,
               lora: LoraConfig, training: TrainingConfig, generation: GenerationConfig,
               predict: PredictConfig) -> None:
-    from finetune_kit.train.trainer import LoraTrainer
-
     source = ModelSource.from_config(model_cfg)
     registry = DatasetRegistry.from_dir(data.dataset_dir)
     tuned: LoadedModel | None = None
@@ -75,8 +76,6 @@ def run_train(run: RunConfig, model_cfg: ModelConfig, data: DataConfig, encoding
 
 def _predict(model: LoadedModel, registry: DatasetRegistry, data: DataConfig, generation: GenerationConfig,
              predict: PredictConfig, output_dir: str | None) -> None:
-    from finetune_kit.evaluate.evaluator import Evaluator
-
     assert data.eval_dataset is not None
     eval_set = registry.load(data.eval_dataset, max_samples=data.max_samples)
     out = predict.output_dir or output_dir
@@ -87,8 +86,6 @@ def _predict(model: LoadedModel, registry: DatasetRegistry, data: DataConfig, ge
 
 def run_predict(model_cfg: ModelConfig, data: DataConfig, generation: GenerationConfig,
                 predict: PredictConfig) -> None:
-    from finetune_kit.errors import ConfigError
-
     problems = []
     if not data.eval_dataset:
         problems.append("eval needs eval_dataset. Fix: eval_dataset: name (from dataset_dir/dataset_info.json); "

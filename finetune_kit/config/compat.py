@@ -38,7 +38,8 @@ UNSUPPORTED: dict[str, str] = {
     **{k: "MMLU/CMMLU/C-Eval evaluation is planned" for k in ("task", "task_dir", "n_shot", "lang", "save_dir",
                                                                           "batch_size")},
     **{k: "this adapter variant is planned" for k in ("use_dora", "pissa_init", "pissa_iter", "pissa_convert",
-                                                      "loraplus_lr_ratio", "loraplus_lr_embedding", "create_new_adapter",
+                                                      "loraplus_lr_ratio", "loraplus_lr_embedding",
+                                                      "create_new_adapter",
                                                       "use_llama_pro", "oft_rank", "oft_block_size", "oft_target")},
     **{k: "full/freeze tuning and memory-saving optimizers are planned" for k in (
         "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules", "use_galore", "use_apollo",

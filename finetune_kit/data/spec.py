@@ -66,7 +66,8 @@ class DatasetSpec:
     def from_info(cls, name: str, entry: Mapping[str, Any], where: str = "dataset_info.json") -> DatasetSpec:
         """Validate one dataset_info.json entry, reporting every problem at once (a :class:`ConfigError`)."""
         if not isinstance(entry, Mapping):
-            raise ConfigError(f"entry '{name}' must be an object, got {type(entry).__name__}", header=f"Invalid {where}")
+            raise ConfigError(f"entry '{name}' must be an object, got {type(entry).__name__}",
+                              header=f"Invalid {where}")
         problems = _problems(name, entry)
         if problems:
             raise ConfigError(problems, header=f"Invalid {where}")

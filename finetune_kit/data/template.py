@@ -11,7 +11,7 @@ the exporter writes into the tokenizer so the chat format survives merge and ser
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from finetune_kit.data.messages import Message, check_turns
@@ -45,8 +45,6 @@ class ChatTemplate:
     def with_default_system(self, system: str | None) -> ChatTemplate:
         if system is None:
             return self
-        from dataclasses import replace
-
         return replace(self, default_system=system)
 
     # ------------------------------------------------------------------ encoding

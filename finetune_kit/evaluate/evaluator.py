@@ -12,7 +12,7 @@ from finetune_kit.data.conversations import Conversations
 from finetune_kit.errors import DatasetError
 from finetune_kit.evaluate import predict as pred
 from finetune_kit.evaluate.config import PredictConfig
-from finetune_kit.evaluate.metrics import SCORE_KEYS
+from finetune_kit.evaluate.metrics import SCORE_KEYS, generation_scores, per_example_scores, require_metrics
 from finetune_kit.models.engine import Engine
 from finetune_kit.models.generation import DEFAULT_GENERATION, GenerationConfig
 from finetune_kit.models.loadable import as_engine
@@ -70,8 +70,6 @@ class EvalReport:
 
     def example_scores(self) -> list[dict[str, float]]:
         """Per-example scores, in the order of :attr:`records` (to find the worst answers)."""
-        from finetune_kit.evaluate.metrics import per_example_scores
-
         return per_example_scores([r["predict"] for r in self.records], [r["label"] for r in self.records])
 
 
@@ -152,8 +150,6 @@ class Evaluator:
         ``finetune_kit_predict.json`` (the provenance record). Without one, nothing is written.
         Raises :class:`OutputExistsError` before generating if earlier predictions are there.
         """
-        from finetune_kit.evaluate.metrics import generation_scores, require_metrics
-
         cfg = self.config if output_dir is None else self.config.with_(output_dir=output_dir)
         if cfg.max_samples is not None:
             data = data.head(cfg.max_samples)

@@ -90,7 +90,7 @@ def example_scores(prediction: str, label: str) -> dict[str, float]:
 def per_example_scores(predictions: Sequence[str], labels: Sequence[str]) -> list[dict[str, float]]:
     """:func:`example_scores` for each pair, in order (for reports and finding the worst answers)."""
     _check_lengths(predictions, labels)
-    return [example_scores(p, r) for p, r in zip(predictions, labels)]
+    return [example_scores(p, r) for p, r in zip(predictions, labels, strict=True)]
 
 
 def mean_scores(rows: Sequence[dict[str, float]]) -> dict[str, float]:

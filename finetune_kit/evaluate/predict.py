@@ -58,7 +58,7 @@ def generate_records(model: Engine, data: Conversations, generation: GenerationC
             prompts = [e.prompt_messages for e in chunk]
             completions = model.generate(prompts, generation, batch_size=batch_size)
             batch = [{"prompt": model.render_prompt(p), "predict": c.text, "label": e.label}
-                     for p, c, e in zip(prompts, completions, chunk)]
+                     for p, c, e in zip(prompts, completions, chunk, strict=True)]
             if sink is not None:
                 sink.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
                 sink.flush()

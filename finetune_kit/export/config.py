@@ -21,4 +21,6 @@ class ExportConfig(StageConfig):
     overwrite_export_dir: bool = option(False, "Replace a non-empty export_dir that is not a finetune_kit export.")
 
     def _check(self) -> list[str]:
-        return [f"export_size: got {self.export_size}; expected a positive number of GB"] if self.export_size < 1 else []
+        if self.export_size < 1:
+            return [f"export_size: got {self.export_size}; expected a positive number of GB"]
+        return []

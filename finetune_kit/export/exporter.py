@@ -11,7 +11,9 @@ from finetune_kit.errors import ConfigError
 from finetune_kit.export._write import prepare_target, write_export
 from finetune_kit.export.config import ExportConfig
 from finetune_kit.export.result import ExportedModel
+from finetune_kit.models.adapters import is_peft, merged_clone
 from finetune_kit.models.loaded import LoadedModel
+from finetune_kit.models.loader import local_device
 from finetune_kit.models.source import ModelSource
 
 
@@ -48,8 +50,6 @@ class Exporter:
         held = getattr(self.model, "model", None)  # a TrainResult that still holds its trained model
         if isinstance(held, LoadedModel):
             return held, False
-        from finetune_kit.models.loader import local_device
-
         device = local_device("auto") if self.config.export_device == "auto" else "cpu"
         loaded = self.model.load(device=device if device == "cpu" else "cuda")
         return loaded, True
@@ -60,8 +60,6 @@ class Exporter:
         The folder is written under a temporary name and renamed at the end: an interrupted
         export leaves nothing half-written, and an existing folder is kept until the new one is complete.
         """
-        from finetune_kit.models.adapters import is_peft, merged_clone
-
         target = export_dir if export_dir is not None else self.config.export_dir
         if not target:
             raise ConfigError("export_dir is required. Fix: pass export_dir='merged-model' (or --export_dir)")

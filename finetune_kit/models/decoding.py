@@ -44,7 +44,7 @@ def generate(lm: LoadedModel, conversations: Sequence[Sequence[Message]], gen: G
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id,
                                  eos_token_id=lm.stop_token_ids, **_stop_kwargs(lm, stop), **gen.to_hf_kwargs())
-        for row, prompt in zip(out[:, width:].tolist(), chunk):
+        for row, prompt in zip(out[:, width:].tolist(), chunk, strict=True):
             results.append(finish(lm, row, len(prompt), gen, stop))
     return results
 

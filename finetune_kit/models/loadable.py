@@ -7,12 +7,10 @@ turns each into what the stage needs, with one error message for the wrong type.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from finetune_kit.models.engine import Engine
-
-if TYPE_CHECKING:
-    from finetune_kit.models.loaded import LoadedModel
+from finetune_kit.models.loaded import LoadedModel
 
 
 @runtime_checkable
@@ -22,13 +20,8 @@ class Loadable(Protocol):
     def load(self) -> LoadedModel: ...
 
 
-ModelLike = Union["LoadedModel", Loadable]
-
-
 def as_loaded(model: object, *, who: str) -> LoadedModel:
     """``model`` itself if it is a :class:`LoadedModel`, else ``model.load()``; a clear TypeError otherwise."""
-    from finetune_kit.models.loaded import LoadedModel
-
     if isinstance(model, LoadedModel):
         return model
     load = getattr(model, "load", None)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_kit.data.template import ChatTemplate, Message
 from finetune_kit.models import decoding
+from finetune_kit.models.adapters import add_adapter
 from finetune_kit.models.bundled import BUNDLED_PREFIX
 from finetune_kit.models.engine import Completion, FinishReason
 from finetune_kit.models.generation import GenerationConfig, resolve_generation
@@ -93,8 +94,6 @@ class LoadedModel:
         adapter on top of one merges the first into a copy of the layers it touches, as
         ``adapter_name_or_path: a,b`` does at load time.
         """
-        from finetune_kit.models.adapters import add_adapter
-
         folder = os.fspath(path)
         adapters = (*self.adapters, folder)
         return LoadedModel(source=self.source.with_config(adapter_name_or_path=adapters),

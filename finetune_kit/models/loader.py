@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from finetune_kit._artifacts import saved_template
 from finetune_kit.data.template import ChatTemplate, get_template
+from finetune_kit.models.adapters import apply_adapters
 from finetune_kit.models.bundled import BUNDLED
 from finetune_kit.models.loaded import LoadedModel
 
@@ -138,11 +139,7 @@ def load_model(source: ModelSource, plan: LoadPlan | None = None) -> LoadedModel
     path = source.resolve()
     tokenizer, template = load_tokenizer(source, path, plan)
     model = AutoModelForCausalLM.from_pretrained(path, **plan.from_pretrained_kwargs())
-    if plan.device == "cpu" and model.device.type != "cpu":
-        model.to("cpu")
     if plan.adapters:
-        from finetune_kit.models.adapters import apply_adapters
-
         model = apply_adapters(model, plan.adapters, trainable=plan.purpose == "training")
     resolved = source.with_config(template=plan.template, default_system=plan.default_system)
     return LoadedModel(source=resolved, model=model, tokenizer=tokenizer, template=template,

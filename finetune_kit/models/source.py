@@ -11,10 +11,10 @@ from finetune_kit.errors import ConfigError, MissingDependencyError, ModelNotFou
 from finetune_kit.models.bundled import BUNDLED, BUNDLED_PREFIX, bundled_gguf
 from finetune_kit.models.cache import cache_root, converted_dir_for, dequantize_gguf
 from finetune_kit.models.config import ModelConfig
+from finetune_kit.models.loader import LoadPlan, load_model, plan_load
 
 if TYPE_CHECKING:
     from finetune_kit.models.loaded import LoadedModel
-    from finetune_kit.models.loader import LoadPlan
 
 SourceKind = Literal["bundled", "local", "gguf", "huggingface", "modelscope"]
 _HUB_HINT = (
@@ -168,8 +168,6 @@ class ModelSource:
 
     def plan(self, **changes: Any) -> LoadPlan:
         """How :meth:`load` would load this model (dtype, device, attention, template, adapters); reads no weights."""
-        from finetune_kit.models.loader import plan_load
-
         return plan_load(self.with_config(**changes) if changes else self)
 
     def explain(self, **changes: Any) -> str:
@@ -178,8 +176,6 @@ class ModelSource:
 
     def load(self, **changes: Any) -> LoadedModel:
         """Load model and tokenizer; ``changes`` are :class:`ModelConfig` fields (template, adapter, ...)."""
-        from finetune_kit.models.loader import load_model
-
         source = self.with_config(**changes) if changes else self
         return load_model(source)
 

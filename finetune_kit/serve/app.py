@@ -26,12 +26,12 @@ from typing import Any
 
 # This module is the serve extra's code, imported only by Server once the extra is checked, and
 # FastAPI resolves route annotations (Request, ChatCompletionRequest) from module globals.
-from fastapi import APIRouter, Depends, FastAPI, Request  # noqa: TID253
-from fastapi.exceptions import RequestValidationError  # noqa: TID253
-from fastapi.middleware.cors import CORSMiddleware  # noqa: TID253
-from fastapi.responses import JSONResponse  # noqa: TID253
-from sse_starlette import EventSourceResponse  # noqa: TID253
-from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: TID253
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finetune_kit.errors import RequestError, TemplateError
 from finetune_kit.models.engine import Completion, Engine

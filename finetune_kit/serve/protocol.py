@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 # imported only by serve/app.py, after Server has checked the serve extra (which brings pydantic)
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer  # noqa: TID253
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from finetune_kit.data.messages import Message, check_turns
 from finetune_kit.errors import RequestError

@@ -129,7 +129,7 @@ class Server:
     def app(self) -> FastAPI:
         """The FastAPI app (built once); mount it in your own ASGI server if you like."""
         _serve_extra()  # before loading a model that could not be served
-        from finetune_kit.serve.app import create_app  # noqa: PLC0415 (fastapi and pydantic load with it)
+        from finetune_kit.serve.app import create_app  # fastapi and pydantic load with it
 
         return self._app.get(lambda: create_app(self.model, self.config, self.generation))
 

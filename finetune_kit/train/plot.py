@@ -35,7 +35,7 @@ def plot_loss(log_history: Sequence[dict], output_dir: Path, keys: Sequence[str]
         points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
         if not points:
             continue
-        steps, values = zip(*points)
+        steps, values = zip(*points, strict=True)
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
         ax.plot(steps, values, color="#1f77b4", alpha=0.35, label="original")
         ax.plot(steps, smooth(values), color="#1f77b4", label="smoothed")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_kit._artifacts import RUN_RECORD, TRAIN_RESULTS, write_record
 from finetune_kit._fs import write_json
+from finetune_kit.train.plot import plot_loss
 
 if TYPE_CHECKING:
     from finetune_kit.data.tokenize import TokenizedDataset
@@ -74,8 +75,7 @@ def fit(model: Any, args: Any, train_set: TokenizedDataset, eval_set: TokenizedD
     state, metrics, ``record`` (the provenance) and, if ``plot``, the loss plots to ``out``."""
     from transformers import Trainer
 
-    from finetune_kit.train.callbacks import JsonlLogCallback
-    from finetune_kit.train.plot import plot_loss
+    from finetune_kit.train.callbacks import JsonlLogCallback  # imports transformers
 
     out.mkdir(parents=True, exist_ok=True)
     hf = Trainer(model=model, args=args, train_dataset=train_set.dataset,

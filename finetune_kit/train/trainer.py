@@ -13,16 +13,19 @@ from finetune_kit._artifacts import provenance
 from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.data.conversations import Conversations
 from finetune_kit.data.tokenize import TokenizedDataset, tokenize
+from finetune_kit.environment import Environment
 from finetune_kit.errors import ConfigError, FinetuneKitWarning, OutputExistsError, did_you_mean
+from finetune_kit.models.adapters import is_peft, shared_clone
 from finetune_kit.models.loaded import LoadedModel
+from finetune_kit.models.loader import LoadPlan, load_model, load_tokenizer, plan_load
 from finetune_kit.models.source import ModelSource
 from finetune_kit.train.config import LoraConfig, TrainingConfig
-from finetune_kit.train.lora import count_lora_params, resolve_targets
+from finetune_kit.train.lora import attach_lora, count_lora_params, resolve_targets
 from finetune_kit.train.result import TrainResult
+from finetune_kit.train.run import fit, training_arguments
 
 if TYPE_CHECKING:
     from finetune_kit.data.template import ChatTemplate
-    from finetune_kit.models.loader import LoadPlan
 
 Data = Conversations | TokenizedDataset
 _SELECTION = set(DataConfig.field_names())
@@ -91,8 +94,6 @@ class LoraTrainer:
         """How :meth:`train` will load the model (None when it was given an already loaded model)."""
         if isinstance(self.model, LoadedModel):
             return None
-        from finetune_kit.models.loader import plan_load
-
         return plan_load(self.model, purpose="training", bf16=self.training.bf16, fp16=self.training.fp16)
 
     def target_modules(self) -> list[str]:
@@ -134,7 +135,7 @@ class LoraTrainer:
         effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * devices
         plan = self.load_plan()
         lines = [
-            plan.explain() if plan is not None else f"model:            {self.model!r} (already loaded, left unchanged)",
+            plan.explain() if plan is not None else f"model:            {self.model!r} (loaded; left unchanged)",
             f"LoRA:             r={self.lora.lora_rank}, alpha={self.lora.alpha}, dropout={self.lora.lora_dropout}",
             f"targets:          {', '.join(targets)}",
             f"trainable params: {lora_params:,} of {total + lora_params:,} "
@@ -163,9 +164,6 @@ class LoraTrainer:
         of its module tree that shares the weights. The trained model stays in memory on the
         returned :class:`TrainResult` (``result.load()``).
         """
-        from finetune_kit.environment import Environment
-        from finetune_kit.train.run import fit, training_arguments
-
         t = self.training
         Environment.detect().require(bf16=t.bf16, fp16=t.fp16)
         _check_optim(t.optim)
@@ -179,8 +177,6 @@ class LoraTrainer:
         args = training_arguments(t, has_eval=eval_set is not None)  # before loading: Accelerate's state lives here
         held = _Held.take(self.model, self.load_plan())
         try:
-            from finetune_kit.train.lora import attach_lora
-
             targets = resolve_targets(held.module, self.lora)
             peft_model = attach_lora(held.module, self.lora, targets, seed=t.seed,
                                      gradient_checkpointing=t.gradient_checkpointing)
@@ -218,8 +214,6 @@ class LoraTrainer:
     def _tokenizer(self) -> tuple[Any, ChatTemplate]:
         if isinstance(self.model, LoadedModel):
             return self.model.tokenizer, self.model.template
-        from finetune_kit.models.loader import load_tokenizer
-
         plan = self.load_plan()
         assert plan is not None
         return load_tokenizer(self.model, self.model.resolve(), plan)
@@ -290,11 +284,7 @@ class _Held:
 
     @classmethod
     def take(cls, model: LoadedModel | ModelSource, plan: LoadPlan | None) -> _Held:
-        from finetune_kit.models.adapters import is_peft, shared_clone
-
         if isinstance(model, ModelSource):
-            from finetune_kit.models.loader import load_model
-
             assert plan is not None
             loaded = load_model(model, plan)
             return cls(loaded, loaded.model, _base_of(loaded), [])

@@ -113,8 +113,8 @@ def test_api_answers_the_openai_client(trained_run):
 
 
 def test_unknown_and_unsupported_keys_are_listed_together(tmp_path):
-    proc = cli("train", "do_train=true", "model_name_or_path=bundled:smollm2-135m-instruct", "lora_rnk=4", "--deepspeed", "z3.json",
-               "learning_rate=fast")
+    proc = cli("train", "do_train=true", "model_name_or_path=bundled:smollm2-135m-instruct", "lora_rnk=4",
+               "--deepspeed", "z3.json", "learning_rate=fast")
     assert proc.returncode == 1
     err = proc.stderr
     assert "3 problems" in err and "Traceback" not in err

@@ -222,7 +222,8 @@ def test_check_counts_rows_and_lists_every_bad_one(tmp_path):
     registry = DatasetRegistry.from_dir(tmp_path)
     count, problems = registry.check("rows")
     assert count == 4
-    assert [p.split(": ")[0] for p in problems] == [f"{tmp_path / 'rows.json'}, row {i}, field 'output'" for i in (1, 3)]
+    assert [p.split(": ")[0] for p in problems] == [
+        f"{tmp_path / 'rows.json'}, row {i}, field 'output'" for i in (1, 3)]
     assert registry.check("clean") == (6, [])
     assert registry.check("hub") == (0, [])  # hub rows are checked when loaded
     with pytest.raises(DatasetError, match="Did you mean 'clean'"):

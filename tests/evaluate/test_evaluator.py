@@ -43,7 +43,7 @@ def test_jsonl_has_one_record_per_example_with_the_dataset_labels(predicted, sho
     assert [r["label"] for r in rows] == [e.label for e in shop_test.head(5).examples]
     assert all(set(r) == {"prompt", "predict", "label"} for r in rows)
     assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)
-    assert all(e.prompt_messages[-1]["content"] in r["prompt"] for r, e in zip(rows, shop_test.examples))
+    assert all(e.prompt_messages[-1]["content"] in r["prompt"] for r, e in zip(rows, shop_test.examples, strict=False))
     assert list(report.records) == rows
     assert not (out / "generated_predictions.jsonl.tmp").exists()
 

@@ -75,7 +75,7 @@ def _lf_compute_similarity(preds: list[str], labels: list[str]) -> dict[str, flo
     from rouge_chinese import Rouge
 
     score_dict: dict[str, list[float]] = {"rouge-1": [], "rouge-2": [], "rouge-l": [], "bleu-4": []}
-    for pred, label in zip(preds, labels):
+    for pred, label in zip(preds, labels, strict=False):
         hypothesis, reference = list(jieba.cut(pred)), list(jieba.cut(label))
         if len(" ".join(hypothesis).split()) == 0 or len(" ".join(reference).split()) == 0:
             result = {"rouge-1": {"f": 0.0}, "rouge-2": {"f": 0.0}, "rouge-l": {"f": 0.0}}

@@ -30,7 +30,7 @@ def test_batching_with_left_padding_does_not_change_greedy_output(tiny_llama, gr
 
 
 def test_completion_counts_and_length_finish(tiny_llama, greedy):
-    for conv, done in zip(CONVERSATIONS, greedy):
+    for conv, done in zip(CONVERSATIONS, greedy, strict=False):
         assert done.prompt_tokens == len(tiny_llama.encode_prompt(conv))
         assert done.completion_tokens == GREEDY.max_new_tokens
         assert done.finish_reason == "length"

@@ -163,5 +163,5 @@ def test_resumed_curve_equals_the_uninterrupted_one(tiny_llama, data, tmp_path):
     with pytest.warns(FinetuneKitWarning, match="Resuming"):
         resumed = trainer(tiny_llama, tmp_path / "parts", max_steps=4, **same).train(data)
     assert [s for s, _ in resumed.losses] == [1, 2, 3, 4]
-    for (_, a), (_, b) in zip(whole.losses, resumed.losses):
+    for (_, a), (_, b) in zip(whole.losses, resumed.losses, strict=False):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)

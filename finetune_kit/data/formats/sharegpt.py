@@ -26,7 +26,7 @@ def to_messages(row: Any, spec: DatasetSpec, where: tuple[str, int]) -> list[Mes
         present = ", ".join(sorted(map(str, row))) or "none"
         raise DatasetRowError(file=file, row=index, field=col,
                               problem=f"the column is missing (columns present: {present})",
-                              fix=f'add it, or map your column in dataset_info.json: "columns": {{"messages": "<col>"}}')
+                              fix='add it, or map your column in dataset_info.json: "columns": {"messages": "<col>"}')
     turns = row[col]
     if not isinstance(turns, list) or not turns:
         raise DatasetRowError(file=file, row=index, field=col, problem=f"expected a non-empty list of messages, "
@@ -40,8 +40,10 @@ def to_messages(row: Any, spec: DatasetSpec, where: tuple[str, int]) -> list[Mes
     for i, turn in enumerate(turns):
         field = f"{col}[{i}]"
         if not isinstance(turn, dict):
-            raise DatasetRowError(file=file, row=index, field=field, problem=f"expected an object, got {str(turn)[:60]!r}",
-                                  fix=f'write each message as {{"{tags("role_tag")}": ..., "{tags("content_tag")}": ...}}')
+            raise DatasetRowError(file=file, row=index, field=field,
+                                  problem=f"expected an object, got {str(turn)[:60]!r}",
+                                  fix=f'write each message as {{"{tags("role_tag")}": ..., '
+                                      f'"{tags("content_tag")}": ...}}')
         tag = turn.get(tags("role_tag"))
         if tag in unsupported:
             raise DatasetRowError(file=file, row=index, field=f"{field}.{tags('role_tag')}",
@@ -73,6 +75,7 @@ def to_messages(row: Any, spec: DatasetSpec, where: tuple[str, int]) -> list[Mes
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body or body[-1]["role"] != "assistant":
         raise DatasetRowError(file=file, row=index, field=col,
-                              problem="the conversation does not end with an assistant reply, so there is nothing to train",
+                              problem="the conversation does not end with an assistant reply, so there is nothing "
+                                      "to train",
                               fix="end it with a reply from the assistant tag, or drop the last user turn")
     return messages
