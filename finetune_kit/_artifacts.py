@@ -47,12 +47,28 @@ Kind = Literal["train", "predict", "export", "cache"]
 C = TypeVar("C")
 
 
-def provenance(kind: Kind, *, model: str | None, adapters: Sequence[str] = (), template: str | None = None,
-               datasets: Sequence[str] = (), config: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+def provenance(
+    kind: Kind,
+    *,
+    model: str | None,
+    adapters: Sequence[str] = (),
+    template: str | None = None,
+    datasets: Sequence[str] = (),
+    config: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """The provenance record of one artifact; ``extra`` adds kind-specific keys (``resolved``, ``source``...)."""
-    return {"finetune_kit_version": __version__, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": model, "adapters": [str(a) for a in adapters], "template": template,
-            "datasets": list(datasets), "config": dict(config or {}), **extra}
+    return {
+        "finetune_kit_version": __version__,
+        "kind": kind,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model,
+        "adapters": [str(a) for a in adapters],
+        "template": template,
+        "datasets": list(datasets),
+        "config": dict(config or {}),
+        **extra,
+    }
 
 
 def write_record(folder: Path, name: str, record: Mapping[str, Any]) -> Path:
@@ -69,8 +85,12 @@ def read_record(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: expected a JSON object")
     written_by = str(record.get("finetune_kit_version", ""))
     if written_by and _newer(written_by, __version__):
-        warnings.warn(f"{path} was written by finetune_kit {written_by}, newer than this {__version__}; fields this "
-                      "version does not know are ignored", FinetuneKitWarning, stacklevel=2)
+        warnings.warn(
+            f"{path} was written by finetune_kit {written_by}, newer than this {__version__}; fields this "
+            "version does not know are ignored",
+            FinetuneKitWarning,
+            stacklevel=2,
+        )
     return record
 
 
@@ -79,8 +99,11 @@ def known_fields(cls: type[C], values: Mapping[str, Any], *, where: str, drop: S
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names - set(drop))
     if unknown:
-        warnings.warn(f"{where}: ignoring {', '.join(unknown)} (not known to finetune_kit {__version__})",
-                      FinetuneKitWarning, stacklevel=2)
+        warnings.warn(
+            f"{where}: ignoring {', '.join(unknown)} (not known to finetune_kit {__version__})",
+            FinetuneKitWarning,
+            stacklevel=2,
+        )
     return cls(**{k: v for k, v in values.items() if k in names and k not in drop})
 
 

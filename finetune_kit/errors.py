@@ -78,8 +78,15 @@ class TemplateError(FinetuneKitError, ValueError):
 class RequestError(FinetuneKitError, ValueError):
     """An HTTP request the server cannot serve; sent as an OpenAI-shaped error body with ``status``."""
 
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
 

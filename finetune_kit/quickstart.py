@@ -65,14 +65,24 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
     print(before.table())
 
     _step(5, "LoRA supervised fine-tuning")
-    trainer = (LoraTrainer(model)
-               .with_lora(lora_rank=cfg.lora_rank, lora_target="all")
-               .with_data(cutoff_len=256)
-               .with_training(output_dir=out / "lora", learning_rate=cfg.learning_rate,
-                              num_train_epochs=cfg.num_train_epochs,
-                              per_device_train_batch_size=cfg.per_device_train_batch_size,
-                              lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=5, save_steps=10_000,
-                              group_by_length=True, plot_loss=True, seed=cfg.seed))
+    trainer = (
+        LoraTrainer(model)
+        .with_lora(lora_rank=cfg.lora_rank, lora_target="all")
+        .with_data(cutoff_len=256)
+        .with_training(
+            output_dir=out / "lora",
+            learning_rate=cfg.learning_rate,
+            num_train_epochs=cfg.num_train_epochs,
+            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            lr_scheduler_type="cosine",
+            warmup_ratio=0.05,
+            logging_steps=5,
+            save_steps=10_000,
+            group_by_length=True,
+            plot_loss=True,
+            seed=cfg.seed,
+        )
+    )
     tokens = trainer.tokenize(train_set)
     print(trainer.explain(tokens), flush=True)
     result = trainer.train(tokens)
@@ -98,6 +108,8 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
     print(f"  {out / 'merged'}          merged model (loads with plain transformers)")
     print("\nServe it with an OpenAI-compatible API:")
     print(f"  API_PORT=8000 finetune-kit api --model_name_or_path {out / 'merged'} --template {cfg.template}")
-    print('  curl http://localhost:8000/v1/chat/completions -H "Content-Type: application/json" '
-          "-d '{\"model\": \"shop\", \"messages\": [{\"role\": \"user\", \"content\": \"运费多少钱？\"}]}'")
+    print(
+        '  curl http://localhost:8000/v1/chat/completions -H "Content-Type: application/json" '
+        '-d \'{"model": "shop", "messages": [{"role": "user", "content": "运费多少钱？"}]}\''
+    )
     return out

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Set up a development install and run the whole CPU test suite (tests, notebook, README example).
+# Set up a development install, check lint, formatting and types, and run the whole CPU test suite
+# (tests, notebook, README example).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
+python -m ruff check finetune_kit tests
+python -m ruff format --check finetune_kit tests
+python -m mypy
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -m "not gpu" --nbmake notebooks/quickstart.ipynb tests "$@"

@@ -40,8 +40,11 @@ def test_each_error_is_a_finetune_kit_error_and_its_builtin(cls, builtin):
 
 
 def test_every_exception_in_the_module_is_in_the_tree():
-    classes = [v for v in vars(errors).values()
-               if isinstance(v, type) and issubclass(v, Exception) and not issubclass(v, Warning)]
+    classes = [
+        v
+        for v in vars(errors).values()
+        if isinstance(v, type) and issubclass(v, Exception) and not issubclass(v, Warning)
+    ]
     assert len(classes) >= 10
     assert [c.__name__ for c in classes if not issubclass(c, FinetuneKitError)] == []
     assert issubclass(errors.FinetuneKitWarning, UserWarning)
@@ -74,8 +77,7 @@ def test_config_error_lists_every_problem():
 
 
 def test_dataset_row_error_carries_file_row_field_and_fix():
-    exc = DatasetRowError(file="data/x.json", row=3, field="output", problem="the column is missing",
-                          fix="add it")
+    exc = DatasetRowError(file="data/x.json", row=3, field="output", problem="the column is missing", fix="add it")
     assert (exc.file, exc.row, exc.field) == ("data/x.json", 3, "output")
     assert str(exc) == "data/x.json, row 3, field 'output': the column is missing. Fix: add it"
     assert isinstance(exc, ValueError)

@@ -10,50 +10,52 @@ import pytest
 
 import finetune_kit
 
-EXPECTED = sorted([
-    "Environment",
-    "ModelSource",
-    "LoadedModel",
-    "ModelConfig",
-    "GenerationConfig",
-    "DatasetRegistry",
-    "Conversations",
-    "DataConfig",
-    "LoraTrainer",
-    "LoraConfig",
-    "TrainingConfig",
-    "TrainResult",
-    "Evaluator",
-    "EvalReport",
-    "Exporter",
-    "ExportConfig",
-    "ExportedModel",
-    "Server",
-    "ServeConfig",
-    "FinetuneKitError",
-    "ConfigError",
-    "DatasetError",
-    "DatasetRowError",
-    "ModelNotFoundError",
-    "EnvironmentCheckError",
-    "MissingDependencyError",
-    "OutputExistsError",
-    "TemplateError",
-    "LoadPlan",
-    "DatasetSpec",
-    "Completion",
-    "Engine",
-    "ChatTemplate",
-    "Example",
-    "EncodingConfig",
-    "TokenizedDataset",
-    "PredictConfig",
-    "ServerHandle",
-    "FinetuneKitWarning",
-    "UnknownKeysError",
-    "RequestError",
-    "__version__",
-])
+EXPECTED = sorted(
+    [
+        "Environment",
+        "ModelSource",
+        "LoadedModel",
+        "ModelConfig",
+        "GenerationConfig",
+        "DatasetRegistry",
+        "Conversations",
+        "DataConfig",
+        "LoraTrainer",
+        "LoraConfig",
+        "TrainingConfig",
+        "TrainResult",
+        "Evaluator",
+        "EvalReport",
+        "Exporter",
+        "ExportConfig",
+        "ExportedModel",
+        "Server",
+        "ServeConfig",
+        "FinetuneKitError",
+        "ConfigError",
+        "DatasetError",
+        "DatasetRowError",
+        "ModelNotFoundError",
+        "EnvironmentCheckError",
+        "MissingDependencyError",
+        "OutputExistsError",
+        "TemplateError",
+        "LoadPlan",
+        "DatasetSpec",
+        "Completion",
+        "Engine",
+        "ChatTemplate",
+        "Example",
+        "EncodingConfig",
+        "TokenizedDataset",
+        "PredictConfig",
+        "ServerHandle",
+        "FinetuneKitWarning",
+        "UnknownKeysError",
+        "RequestError",
+        "__version__",
+    ]
+)
 
 
 def test_all_is_the_curated_set():
@@ -85,9 +87,11 @@ def test_unknown_attribute_raises_attribute_error():
 
 
 def test_import_is_cheap():
-    code = ("import sys, finetune_kit, finetune_kit.errors\n"
-            "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'datasets', 'peft') if m in sys.modules]\n"
-            "print(','.join(heavy))")
+    code = (
+        "import sys, finetune_kit, finetune_kit.errors\n"
+        "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'datasets', 'peft') if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""

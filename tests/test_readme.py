@@ -91,8 +91,9 @@ def test_readme_chain_example_runs_as_written(tmp_path: Path) -> None:
     script = tmp_path / "readme_example.py"
     script.write_text(LOAD_COUNTER + example_code(README), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     work = tmp_path / "runs" / "readme-example"
     assert (work / "lora" / "adapter_model.safetensors").is_file()
@@ -114,6 +115,7 @@ def test_the_chinese_readme_runs_the_same_code() -> None:
 
     assert code_only(example_code(README_ZH)) == code_only(example_code(README))
     assert code_blocks(README_ZH, "yaml") == code_blocks(README, "yaml")
+
     def words(path: Path) -> list[list[str]]:
         return [shlex.split(c, comments=True) for c in shell_commands(path)]
 
@@ -197,8 +199,12 @@ def test_cli_doc_key_table_names_real_config_fields() -> None:
 
 def test_cli_doc_key_table_covers_every_accepted_key() -> None:
     documented = {(class_name, field) for _, class_name, field in mapping_rows()}
-    missing = [f"{name}.{f.name}" for name, cls in config_classes().items() for f in dataclasses.fields(cls)
-               if (name, f.name) not in documented]
+    missing = [
+        f"{name}.{f.name}"
+        for name, cls in config_classes().items()
+        for f in dataclasses.fields(cls)
+        if (name, f.name) not in documented
+    ]
     assert not missing, f"docs/cli.md does not document these keys: {missing}"
 
 
@@ -232,8 +238,9 @@ def documented_commands() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(("where", "command"), documented_commands(), ids=lambda v: v[:90])
-def test_documented_command_is_accepted_by_the_parser(where: str, command: str, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_documented_command_is_accepted_by_the_parser(
+    where: str, command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from finetune_kit.cli import commands, main
     from finetune_kit.config import parse
 

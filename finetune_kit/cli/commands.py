@@ -47,22 +47,30 @@ def version(argv: Sequence[str]) -> int:
 def train(argv: Sequence[str]) -> int:
     cfg = _parse(argv, COMMANDS["train"])
     if cfg is not None:
-        run_train(cfg[RunConfig], cfg[ModelConfig], cfg[DataConfig], cfg[EncodingConfig],  # type: ignore[arg-type]
-                  cfg[LoraConfig], cfg[TrainingConfig], cfg[GenerationConfig], cfg[PredictConfig])  # type: ignore[arg-type]
+        run_train(
+            cfg[RunConfig],
+            cfg[ModelConfig],
+            cfg[DataConfig],
+            cfg[EncodingConfig],
+            cfg[LoraConfig],
+            cfg[TrainingConfig],
+            cfg[GenerationConfig],
+            cfg[PredictConfig],
+        )
     return 0
 
 
 def evaluate(argv: Sequence[str]) -> int:
     cfg = _parse(argv, COMMANDS["eval"])
     if cfg is not None:
-        run_predict(cfg[ModelConfig], cfg[DataConfig], cfg[GenerationConfig], cfg[PredictConfig])  # type: ignore[arg-type]
+        run_predict(cfg[ModelConfig], cfg[DataConfig], cfg[GenerationConfig], cfg[PredictConfig])
     return 0
 
 
 def export(argv: Sequence[str]) -> int:
     cfg = _parse(argv, COMMANDS["export"])
     if cfg is not None:
-        exported = Exporter(ModelSource.from_config(cfg[ModelConfig]), cfg[ExportConfig]).merge()  # type: ignore[arg-type]
+        exported = Exporter(ModelSource.from_config(cfg[ModelConfig]), cfg[ExportConfig]).merge()
         print(f"Merged model written to {exported.export_dir} ({', '.join(exported.files)})")
     return 0
 
@@ -70,22 +78,22 @@ def export(argv: Sequence[str]) -> int:
 def api(argv: Sequence[str]) -> int:
     cfg = _parse(argv, COMMANDS["api"])
     if cfg is not None:
-        model = ModelSource.from_config(cfg[ModelConfig]).load()  # type: ignore[arg-type]
-        Server(model, config=cfg[ServeConfig], generation=cfg[GenerationConfig]).run()  # type: ignore[arg-type]
+        model = ModelSource.from_config(cfg[ModelConfig]).load()
+        Server(model, config=cfg[ServeConfig], generation=cfg[GenerationConfig]).run()
     return 0
 
 
 def chat(argv: Sequence[str]) -> int:
     cfg = _parse(argv, COMMANDS["chat"])
     if cfg is not None:
-        run_chat(cfg[ModelConfig], cfg[GenerationConfig])  # type: ignore[arg-type]
+        run_chat(cfg[ModelConfig], cfg[GenerationConfig])
     return 0
 
 
 def quickstart(argv: Sequence[str]) -> int:
     cfg = _parse(argv, COMMANDS["quickstart"])
     if cfg is not None:
-        run_quickstart(cfg[QuickstartConfig])  # type: ignore[arg-type]
+        run_quickstart(cfg[QuickstartConfig])
     return 0
 
 
@@ -97,7 +105,7 @@ def data(argv: Sequence[str]) -> int:
     if rest and not rest[0].startswith("-") and "=" not in rest[0] and Path(rest[0]).is_dir():
         rest = [f"dataset_dir={rest[0]}", *rest[1:]]
     cfg = _parse(rest, COMMANDS["data"])
-    return 0 if cfg is None else run_data_check(cfg[DataConfig])  # type: ignore[arg-type]
+    return 0 if cfg is None else run_data_check(cfg[DataConfig])
 
 
 @dataclass(frozen=True)
@@ -113,26 +121,58 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "env": Command("env", "print Python, torch, CUDA, GPUs and library versions", env),
-    "train": Command("train config.yaml [key=value ...] [--key value ...]",
-                     "LoRA SFT (and do_predict) from an LLaMA-Factory-style YAML", train,
-                     (RunConfig, ModelConfig, DataConfig, EncodingConfig, LoraConfig, TrainingConfig,
-                      GenerationConfig, PredictConfig), (train_checks,)),
-    "eval": Command("eval config.yaml eval_dataset=NAME output_dir=DIR ...",
-                    "generate on eval_dataset and score ROUGE/BLEU (predict)", evaluate,
-                    (ModelConfig, LoraConfig, DataConfig, GenerationConfig, PredictConfig)),
-    "export": Command("export --model_name_or_path M --adapter_name_or_path A --export_dir D",
-                      "merge a LoRA adapter into its base model (export_dir, export_size)", export,
-                      (ModelConfig, LoraConfig, ExportConfig)),
-    "api": Command("api --model_name_or_path M [--adapter_name_or_path A]   (API_HOST, API_PORT, API_KEY)",
-                   "serve an OpenAI-compatible API (API_HOST, API_PORT, API_KEY)", api,
-                   (ModelConfig, LoraConfig, GenerationConfig, ServeConfig)),
-    "chat": Command("chat --model_name_or_path M [--adapter_name_or_path A] [--template T]",
-                    "chat in the terminal (type 'clear' to reset, 'exit' to quit)", chat,
-                    (ModelConfig, LoraConfig, GenerationConfig)),
-    "quickstart": Command("quickstart [--output_dir DIR] [--num_train_epochs N]",
-                          "the whole workflow offline on the bundled model", quickstart, (QuickstartConfig,)),
-    "data": Command("data check DATASET_DIR [--dataset a,b]",
-                    "check every row of the datasets in a dataset_dir", data, (DataConfig,)),
+    "train": Command(
+        "train config.yaml [key=value ...] [--key value ...]",
+        "LoRA SFT (and do_predict) from an LLaMA-Factory-style YAML",
+        train,
+        (
+            RunConfig,
+            ModelConfig,
+            DataConfig,
+            EncodingConfig,
+            LoraConfig,
+            TrainingConfig,
+            GenerationConfig,
+            PredictConfig,
+        ),
+        (train_checks,),
+    ),
+    "eval": Command(
+        "eval config.yaml eval_dataset=NAME output_dir=DIR ...",
+        "generate on eval_dataset and score ROUGE/BLEU (predict)",
+        evaluate,
+        (ModelConfig, LoraConfig, DataConfig, GenerationConfig, PredictConfig),
+    ),
+    "export": Command(
+        "export --model_name_or_path M --adapter_name_or_path A --export_dir D",
+        "merge a LoRA adapter into its base model (export_dir, export_size)",
+        export,
+        (ModelConfig, LoraConfig, ExportConfig),
+    ),
+    "api": Command(
+        "api --model_name_or_path M [--adapter_name_or_path A]   (API_HOST, API_PORT, API_KEY)",
+        "serve an OpenAI-compatible API (API_HOST, API_PORT, API_KEY)",
+        api,
+        (ModelConfig, LoraConfig, GenerationConfig, ServeConfig),
+    ),
+    "chat": Command(
+        "chat --model_name_or_path M [--adapter_name_or_path A] [--template T]",
+        "chat in the terminal (type 'clear' to reset, 'exit' to quit)",
+        chat,
+        (ModelConfig, LoraConfig, GenerationConfig),
+    ),
+    "quickstart": Command(
+        "quickstart [--output_dir DIR] [--num_train_epochs N]",
+        "the whole workflow offline on the bundled model",
+        quickstart,
+        (QuickstartConfig,),
+    ),
+    "data": Command(
+        "data check DATASET_DIR [--dataset a,b]",
+        "check every row of the datasets in a dataset_dir",
+        data,
+        (DataConfig,),
+    ),
     "version": Command("version", "print the version", version),
 }
 
@@ -140,10 +180,14 @@ COMMANDS: dict[str, Command] = {
 def usage() -> str:
     """The top-level usage text, from :data:`COMMANDS`."""
     width = max(len(n) for n in COMMANDS) + 3
-    lines = [f"  {(name + ' check') if name == 'data' else name:<{width + 3}}{c.summary}"
-             for name, c in COMMANDS.items()]
-    return ("usage: finetune-kit <command> [config.yaml] [key=value ...] [--key value ...]\n\ncommands:\n"
-            + "\n".join(lines) + "\n\n`finetune-kit <command> --help` lists the keys a command accepts.")
+    lines = [
+        f"  {(name + ' check') if name == 'data' else name:<{width + 3}}{c.summary}" for name, c in COMMANDS.items()
+    ]
+    return (
+        "usage: finetune-kit <command> [config.yaml] [key=value ...] [--key value ...]\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\n`finetune-kit <command> --help` lists the keys a command accepts."
+    )
 
 
 def configure_logging() -> None:

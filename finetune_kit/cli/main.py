@@ -21,8 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"finetune-kit: unknown command '{command}'.{did_you_mean(command, COMMANDS)}\n\n{usage()}",
-              file=sys.stderr)
+        print(
+            f"finetune-kit: unknown command '{command}'.{did_you_mean(command, COMMANDS)}\n\n{usage()}", file=sys.stderr
+        )
         return 2
     configure_logging()
     try:

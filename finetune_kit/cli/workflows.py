@@ -34,7 +34,6 @@ def say(*parts: object) -> None:
 def train_checks(built: Built) -> list[str]:
     """Cross-section rules of ``finetune-kit train`` (reported with every other problem)."""
     run, data = built[RunConfig], built[DataConfig]
-    assert isinstance(run, RunConfig) and isinstance(data, DataConfig)
     problems = []
     if run.do_train and not data.dataset:
         problems.append("do_train needs a dataset. Fix: dataset: name (from dataset_dir/dataset_info.json)")
@@ -45,9 +44,16 @@ def train_checks(built: Built) -> list[str]:
     return problems
 
 
-def run_train(run: RunConfig, model_cfg: ModelConfig, data: DataConfig, encoding: EncodingConfig,
-              lora: LoraConfig, training: TrainingConfig, generation: GenerationConfig,
-              predict: PredictConfig) -> None:
+def run_train(
+    run: RunConfig,
+    model_cfg: ModelConfig,
+    data: DataConfig,
+    encoding: EncodingConfig,
+    lora: LoraConfig,
+    training: TrainingConfig,
+    generation: GenerationConfig,
+    predict: PredictConfig,
+) -> None:
     source = ModelSource.from_config(model_cfg)
     registry = DatasetRegistry.from_dir(data.dataset_dir)
     tuned: LoadedModel | None = None
@@ -70,12 +76,19 @@ def run_train(run: RunConfig, model_cfg: ModelConfig, data: DataConfig, encoding
         say(f"Adapter, tokenizer, config and logs: {result.output_dir}")
         tuned = result.load()
     if run.do_predict:
-        _predict(tuned if tuned is not None else source.load(), registry, data, generation, predict,
-                 training.output_dir)
+        _predict(
+            tuned if tuned is not None else source.load(), registry, data, generation, predict, training.output_dir
+        )
 
 
-def _predict(model: LoadedModel, registry: DatasetRegistry, data: DataConfig, generation: GenerationConfig,
-             predict: PredictConfig, output_dir: str | None) -> None:
+def _predict(
+    model: LoadedModel,
+    registry: DatasetRegistry,
+    data: DataConfig,
+    generation: GenerationConfig,
+    predict: PredictConfig,
+    output_dir: str | None,
+) -> None:
     assert data.eval_dataset is not None
     eval_set = registry.load(data.eval_dataset, max_samples=data.max_samples)
     out = predict.output_dir or output_dir
@@ -84,12 +97,13 @@ def _predict(model: LoadedModel, registry: DatasetRegistry, data: DataConfig, ge
     say(f"Predictions: {report.output_dir}")
 
 
-def run_predict(model_cfg: ModelConfig, data: DataConfig, generation: GenerationConfig,
-                predict: PredictConfig) -> None:
+def run_predict(model_cfg: ModelConfig, data: DataConfig, generation: GenerationConfig, predict: PredictConfig) -> None:
     problems = []
     if not data.eval_dataset:
-        problems.append("eval needs eval_dataset. Fix: eval_dataset: name (from dataset_dir/dataset_info.json); "
-                        "MMLU/CMMLU/C-Eval tasks are planned")
+        problems.append(
+            "eval needs eval_dataset. Fix: eval_dataset: name (from dataset_dir/dataset_info.json); "
+            "MMLU/CMMLU/C-Eval tasks are planned"
+        )
     if not predict.output_dir:
         problems.append("eval needs output_dir for generated_predictions.jsonl. Fix: output_dir: saves/predict")
     if problems:
@@ -139,8 +153,10 @@ def run_data_check(data: DataConfig) -> int:
             print(f"  ... and {len(errors) - 50} more")
         bad += len(errors)
     if bad:
-        print(f"\n{bad} rows need fixing; nothing was skipped silently: training refuses these files until fixed.",
-              file=sys.stderr)
+        print(
+            f"\n{bad} rows need fixing; nothing was skipped silently: training refuses these files until fixed.",
+            file=sys.stderr,
+        )
         return 1
     print("\nall rows are valid")
     return 0

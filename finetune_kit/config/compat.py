@@ -28,31 +28,112 @@ ONLY_FALSE: dict[str, str] = {
 
 # LLaMA-Factory keys we know but do not support yet, with what to do instead.
 UNSUPPORTED: dict[str, str] = {
-    **{k: "QLoRA is planned" for k in ("quantization_bit", "quantization_method", "quantization_type",
-                                       "double_quantization", "quantization_device_map")},
-    **{k: "DeepSpeed/FSDP are planned; for several GPUs run `accelerate launch -m finetune_kit.cli.main train ...`"
-       for k in ("deepspeed", "fsdp", "fsdp_config")},
-    **{k: "DPO and other preference stages are planned" for k in ("pref_beta", "pref_loss", "pref_ftx", "ref_model",
-                                                                   "ref_model_adapters", "dpo_label_smoothing",
-                                                                   "simpo_gamma", "reward_model", "ppo_epochs")},
-    **{k: "MMLU/CMMLU/C-Eval evaluation is planned" for k in ("task", "task_dir", "n_shot", "lang", "save_dir",
-                                                                          "batch_size")},
-    **{k: "this adapter variant is planned" for k in ("use_dora", "pissa_init", "pissa_iter", "pissa_convert",
-                                                      "loraplus_lr_ratio", "loraplus_lr_embedding",
-                                                      "create_new_adapter",
-                                                      "use_llama_pro", "oft_rank", "oft_block_size", "oft_target")},
-    **{k: "full/freeze tuning and memory-saving optimizers are planned" for k in (
-        "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules", "use_galore", "use_apollo",
-        "use_badam", "use_adam_mini", "use_muon", "pure_bf16")},
-    **{k: "speed kernels are planned" for k in ("enable_liger_kernel", "use_unsloth", "use_unsloth_gc", "shift_attn",
-                                                 "rope_scaling", "neat_packing", "mixture_of_depths")},
-    **{k: "GGUF/quantized export is planned" for k in ("export_quantization_bit", "export_quantization_dataset",
-                                                        "export_quantization_nsamples", "export_quantization_maxlen",
-                                                        "export_hub_model_id")},
-    **{k: "only the huggingface inference backend exists" for k in ("infer_backend", "vllm_maxlen", "vllm_gpu_util",
-                                                                     "vllm_enforce_eager", "vllm_max_lora_rank")},
-    **{k: "not supported yet" for k in ("tokenized_path", "mix_strategy", "interleave_probs", "buffer_size",
-                                        "resize_vocab", "tool_format", "enable_thinking", "media_dir",
-                                        "image_max_pixels", "freeze_vision_tower", "eval_on_each_dataset",
-                                        "compute_accuracy", "use_swanlab", "ray_num_workers", "hf_hub_token_file")},
+    **{
+        k: "QLoRA is planned"
+        for k in (
+            "quantization_bit",
+            "quantization_method",
+            "quantization_type",
+            "double_quantization",
+            "quantization_device_map",
+        )
+    },
+    **{
+        k: "DeepSpeed/FSDP are planned; for several GPUs run `accelerate launch -m finetune_kit.cli.main train ...`"
+        for k in ("deepspeed", "fsdp", "fsdp_config")
+    },
+    **{
+        k: "DPO and other preference stages are planned"
+        for k in (
+            "pref_beta",
+            "pref_loss",
+            "pref_ftx",
+            "ref_model",
+            "ref_model_adapters",
+            "dpo_label_smoothing",
+            "simpo_gamma",
+            "reward_model",
+            "ppo_epochs",
+        )
+    },
+    **{
+        k: "MMLU/CMMLU/C-Eval evaluation is planned"
+        for k in ("task", "task_dir", "n_shot", "lang", "save_dir", "batch_size")
+    },
+    **{
+        k: "this adapter variant is planned"
+        for k in (
+            "use_dora",
+            "pissa_init",
+            "pissa_iter",
+            "pissa_convert",
+            "loraplus_lr_ratio",
+            "loraplus_lr_embedding",
+            "create_new_adapter",
+            "use_llama_pro",
+            "oft_rank",
+            "oft_block_size",
+            "oft_target",
+        )
+    },
+    **{
+        k: "full/freeze tuning and memory-saving optimizers are planned"
+        for k in (
+            "freeze_trainable_layers",
+            "freeze_trainable_modules",
+            "freeze_extra_modules",
+            "use_galore",
+            "use_apollo",
+            "use_badam",
+            "use_adam_mini",
+            "use_muon",
+            "pure_bf16",
+        )
+    },
+    **{
+        k: "speed kernels are planned"
+        for k in (
+            "enable_liger_kernel",
+            "use_unsloth",
+            "use_unsloth_gc",
+            "shift_attn",
+            "rope_scaling",
+            "neat_packing",
+            "mixture_of_depths",
+        )
+    },
+    **{
+        k: "GGUF/quantized export is planned"
+        for k in (
+            "export_quantization_bit",
+            "export_quantization_dataset",
+            "export_quantization_nsamples",
+            "export_quantization_maxlen",
+            "export_hub_model_id",
+        )
+    },
+    **{
+        k: "only the huggingface inference backend exists"
+        for k in ("infer_backend", "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank")
+    },
+    **{
+        k: "not supported yet"
+        for k in (
+            "tokenized_path",
+            "mix_strategy",
+            "interleave_probs",
+            "buffer_size",
+            "resize_vocab",
+            "tool_format",
+            "enable_thinking",
+            "media_dir",
+            "image_max_pixels",
+            "freeze_vision_tower",
+            "eval_on_each_dataset",
+            "compute_accuracy",
+            "use_swanlab",
+            "ray_num_workers",
+            "hf_hub_token_file",
+        )
+    },
 }

@@ -13,14 +13,25 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from finetune_kit.config.base import _FALSE, _NONE, StageConfig
 from finetune_kit.config.compat import IGNORED, ONLY_FALSE, UNSUPPORTED
 from finetune_kit.errors import ConfigError, UnknownKeysError, did_you_mean
 
 logger = logging.getLogger("finetune_kit.config")
-Built = dict[type[StageConfig], StageConfig]
+C = TypeVar("C", bound=StageConfig)
+
+
+class Built(dict[type[StageConfig], StageConfig]):
+    """The built sections, indexed by their class: ``built[LoraConfig]`` is typed ``LoraConfig``."""
+
+    def __getitem__(self, cls: type[C]) -> C:
+        value = super().__getitem__(cls)
+        assert isinstance(value, cls)
+        return value
+
+
 Check = Callable[[Built], list[str]]
 
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -41,8 +52,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping of keys to values, got {type(data).__name__}",
-                          header="Cannot read the config")
+        raise ConfigError(
+            f"{p} must hold a mapping of keys to values, got {type(data).__name__}", header="Cannot read the config"
+        )
     return data
 
 
@@ -78,15 +90,16 @@ def collect(argv: Sequence[str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for f in files:
         if not f.endswith((".yaml", ".yml", ".json")):
-            raise ConfigError(f"unexpected argument {f!r}: expected a .yaml/.json file, key=value or --key value",
-                              header="Cannot read the command line")
+            raise ConfigError(
+                f"unexpected argument {f!r}: expected a .yaml/.json file, key=value or --key value",
+                header="Cannot read the command line",
+            )
         values.update(read_config_file(f))
     values.update(overrides)
     return values
 
 
-def build(values: Mapping[str, Any], sections: Sequence[type[StageConfig]], *,
-          checks: Sequence[Check] = ()) -> Built:
+def build(values: Mapping[str, Any], sections: Sequence[type[StageConfig]], *, checks: Sequence[Check] = ()) -> Built:
     """Build one config per section from flat ``values``; report every problem together.
 
     Unknown keys (with a did-you-mean), unsupported LLaMA-Factory keys, bad values of every
@@ -110,9 +123,11 @@ def build(values: Mapping[str, Any], sections: Sequence[type[StageConfig]], *,
         if k in ONLY_FALSE:
             problems.append(f"{k}: true is not supported yet ({ONLY_FALSE[k]}). Fix: remove it or set {k}: false")
         elif k in UNSUPPORTED:
-            problems.append(f"'{k}' is a LLaMA-Factory key that finetune_kit does not support yet "
-                            f"({UNSUPPORTED[k]}). Fix: remove it")
-    built: Built = {}
+            problems.append(
+                f"'{k}' is a LLaMA-Factory key that finetune_kit does not support yet "
+                f"({UNSUPPORTED[k]}). Fix: remove it"
+            )
+    built = Built()
     for cls in sections:
         names = {f.name for f in fields(cls)}
         try:
@@ -140,8 +155,11 @@ def describe(sections: Sequence[type[StageConfig]]) -> str:
     for cls in sections:
         lines.append(f"\n{cls.section} keys ({cls.__name__}):")
         for f in fields(cls):
-            default = f.default if f.default is not MISSING else (
-                f.default_factory() if f.default_factory is not MISSING else None)
+            default = (
+                f.default
+                if f.default is not MISSING
+                else (f.default_factory() if f.default_factory is not MISSING else None)
+            )
             default = ",".join(default) if isinstance(default, tuple) else default
             lines.append(f"  --{f.name:<34} {cls.help_of(f.name)} [default: {default}]")
     return "\n".join(lines)

@@ -23,11 +23,15 @@ class RunConfig(StageConfig):
     def _check(self) -> list[str]:
         problems = []
         if self.do_predict and not self.predict_with_generate:
-            problems.append("do_predict needs predict_with_generate: true (as in LLaMA-Factory). Fix: add "
-                            "predict_with_generate: true")
+            problems.append(
+                "do_predict needs predict_with_generate: true (as in LLaMA-Factory). Fix: add "
+                "predict_with_generate: true"
+            )
         if not (self.do_train or self.do_eval or self.do_predict):
             problems.append("nothing to do: set do_train: true (or do_predict: true with predict_with_generate: true)")
         if self.do_eval and not self.do_train:
-            problems.append("do_eval without do_train is not supported yet (eval loss is computed during training). "
-                            "Fix: add do_train: true with val_size or eval_dataset, or use do_predict for ROUGE/BLEU")
+            problems.append(
+                "do_eval without do_train is not supported yet (eval loss is computed during training). "
+                "Fix: add do_train: true with val_size or eval_dataset, or use do_predict for ROUGE/BLEU"
+            )
         return problems

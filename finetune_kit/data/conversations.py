@@ -61,8 +61,9 @@ class Conversations:
         n = len(self)
         n_val = int(val_size) if val_size >= 1 else math.ceil(n * val_size)
         if not 0 < n_val < n:
-            raise DatasetError(f"val_size={val_size} holds out {n_val} of {n} rows; it must leave at least one row "
-                               "on each side")
+            raise DatasetError(
+                f"val_size={val_size} holds out {n_val} of {n} rows; it must leave at least one row on each side"
+            )
         order = list(range(n))
         random.Random(seed).shuffle(order)
         pick = lambda idx: Conversations(tuple(self.examples[i] for i in sorted(idx)), self.names)  # noqa: E731

@@ -29,8 +29,10 @@ class TurnProblem:
     expected: str
 
     def __str__(self) -> str:
-        return (f"message {self.index} has role {self.role!r} but {self.expected!r} was expected: after an optional "
-                "system message, turns must alternate user, assistant, user, ...")
+        return (
+            f"message {self.index} has role {self.role!r} but {self.expected!r} was expected: after an optional "
+            "system message, turns must alternate user, assistant, user, ..."
+        )
 
 
 def check_turns(roles: Sequence[str | None]) -> TurnProblem | None:

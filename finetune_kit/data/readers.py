@@ -71,16 +71,20 @@ def _read_hub(spec: DatasetSpec) -> list[tuple[str, int, Any]]:
     try:
         ds = datasets.load_dataset(url, name=spec.subset, data_dir=spec.folder, split=spec.split)
     except Exception as exc:
-        raise DatasetError(f"dataset '{spec.name}': cannot load {url!r} from the hub ({type(exc).__name__}: {exc}). "
-                           "Fix: download the files and point file_name at them") from exc
+        raise DatasetError(
+            f"dataset '{spec.name}': cannot load {url!r} from the hub ({type(exc).__name__}: {exc}). "
+            "Fix: download the files and point file_name at them"
+        ) from exc
     return [(str(url), i, row) for i, row in enumerate(ds)]
 
 
 def data_files(path: Path) -> list[Path]:
     """The files behind ``file_name``: the file itself, or every file of one type in a folder."""
     if not path.exists():
-        raise DatasetError(f"dataset file {path} does not exist. Fix: check file_name in dataset_info.json "
-                           "(it is relative to dataset_dir)")
+        raise DatasetError(
+            f"dataset file {path} does not exist. Fix: check file_name in dataset_info.json "
+            "(it is relative to dataset_dir)"
+        )
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     if not files:
         raise DatasetError(f"dataset folder {path} holds no files")

@@ -36,8 +36,10 @@ class DatasetRegistry:
         d = Path(dataset_dir).expanduser()
         info = d / "dataset_info.json"
         if not info.is_file():
-            raise DatasetError(f"{info} does not exist. Fix: point dataset_dir at the folder that holds "
-                               "dataset_info.json, or register datasets in code with DatasetRegistry().register(...)")
+            raise DatasetError(
+                f"{info} does not exist. Fix: point dataset_dir at the folder that holds "
+                "dataset_info.json, or register datasets in code with DatasetRegistry().register(...)"
+            )
         try:
             data = json.loads(info.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -59,11 +61,22 @@ class DatasetRegistry:
         """The bundled e-commerce after-sales demo data (shop_alpaca, shop_sharegpt, shop_test)."""
         return cls.from_dir(Path(__file__).parent / "demo")
 
-    def register(self, name: str, file_name: str | os.PathLike[str], *, formatting: str = "alpaca",
-                 columns: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None) -> DatasetRegistry:
+    def register(
+        self,
+        name: str,
+        file_name: str | os.PathLike[str],
+        *,
+        formatting: str = "alpaca",
+        columns: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> DatasetRegistry:
         """Return a new registry with one more dataset; ``file_name`` may be absolute or relative to dataset_dir."""
-        entry = {"file_name": str(file_name), "formatting": formatting, "columns": dict(columns or {}),
-                 "tags": dict(tags or {})}
+        entry = {
+            "file_name": str(file_name),
+            "formatting": formatting,
+            "columns": dict(columns or {}),
+            "tags": dict(tags or {}),
+        }
         return replace(self, specs={**self.specs, name: DatasetSpec.from_info(name, entry, f"dataset '{name}'")})
 
     @property
@@ -74,8 +87,10 @@ class DatasetRegistry:
     def spec(self, name: str) -> DatasetSpec:
         """The validated entry of one dataset; an unknown name suggests the close one."""
         if name not in self.specs:
-            raise DatasetError(f"dataset '{name}' is not in {self.dataset_dir / 'dataset_info.json'}."
-                               f"{did_you_mean(name, self.specs)} Known: {', '.join(self.specs) or 'none'}")
+            raise DatasetError(
+                f"dataset '{name}' is not in {self.dataset_dir / 'dataset_info.json'}."
+                f"{did_you_mean(name, self.specs)} Known: {', '.join(self.specs) or 'none'}"
+            )
         return self.specs[name]
 
     def load(self, names: str | Iterable[str], *, max_samples: int | None = None) -> Conversations:

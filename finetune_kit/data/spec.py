@@ -15,17 +15,42 @@ from finetune_kit.data.formats import FORMATS, PLANNED_FORMATS
 from finetune_kit.errors import ConfigError, did_you_mean
 
 COLUMN_DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output", "messages": "conversations"}
-TAG_DEFAULTS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
-KNOWN_COLUMNS = set(COLUMN_DEFAULTS) | {"history", "system", "tools", "images", "videos", "audios", "chosen",
-                                        "rejected", "kto_tag"}
+TAG_DEFAULTS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+KNOWN_COLUMNS = set(COLUMN_DEFAULTS) | {
+    "history",
+    "system",
+    "tools",
+    "images",
+    "videos",
+    "audios",
+    "chosen",
+    "rejected",
+    "kto_tag",
+}
 """Every ``columns`` key LLaMA-Factory knows."""
 USED_COLUMNS = set(COLUMN_DEFAULTS) | {"history", "system"}
 """The ``columns`` keys finetune_kit reads; the rest of :data:`KNOWN_COLUMNS` is refused as not supported yet."""
 _SOURCES = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name")
 _UNSUPPORTED_SOURCES = ("om_hub_url", "script_url", "cloud_file_name")
-_KEYS = set(_SOURCES) | {"formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags",
-                         "file_sha1"}
+_KEYS = set(_SOURCES) | {
+    "formatting",
+    "ranking",
+    "subset",
+    "split",
+    "folder",
+    "num_samples",
+    "columns",
+    "tags",
+    "file_sha1",
+}
 
 
 @dataclass(frozen=True)
@@ -66,15 +91,24 @@ class DatasetSpec:
     def from_info(cls, name: str, entry: Mapping[str, Any], where: str = "dataset_info.json") -> DatasetSpec:
         """Validate one dataset_info.json entry, reporting every problem at once (a :class:`ConfigError`)."""
         if not isinstance(entry, Mapping):
-            raise ConfigError(f"entry '{name}' must be an object, got {type(entry).__name__}",
-                              header=f"Invalid {where}")
+            raise ConfigError(
+                f"entry '{name}' must be an object, got {type(entry).__name__}", header=f"Invalid {where}"
+            )
         problems = _problems(name, entry)
         if problems:
             raise ConfigError(problems, header=f"Invalid {where}")
-        return cls(name=name, file_name=entry.get("file_name"), formatting=entry.get("formatting", "alpaca"),
-                   columns=dict(entry.get("columns", {}) or {}), tags=dict(entry.get("tags", {}) or {}),
-                   split=entry.get("split", "train"), subset=entry.get("subset"), folder=entry.get("folder"),
-                   num_samples=entry.get("num_samples"), hf_hub_url=entry.get("hf_hub_url"))
+        return cls(
+            name=name,
+            file_name=entry.get("file_name"),
+            formatting=entry.get("formatting", "alpaca"),
+            columns=dict(entry.get("columns", {}) or {}),
+            tags=dict(entry.get("tags", {}) or {}),
+            split=entry.get("split", "train"),
+            subset=entry.get("subset"),
+            folder=entry.get("folder"),
+            num_samples=entry.get("num_samples"),
+            hf_hub_url=entry.get("hf_hub_url"),
+        )
 
 
 def _problems(name: str, entry: Mapping[str, Any]) -> list[str]:
@@ -82,8 +116,9 @@ def _problems(name: str, entry: Mapping[str, Any]) -> list[str]:
     unsupported = [k for k in _UNSUPPORTED_SOURCES if entry.get(k)]
     if entry.get("ms_hub_url") and not entry.get("hf_hub_url") and not entry.get("file_name"):
         unsupported.append("ms_hub_url")
-    problems += [f"'{name}': '{k}' datasets are not supported yet; download the file and use file_name"
-                 for k in unsupported]
+    problems += [
+        f"'{name}': '{k}' datasets are not supported yet; download the file and use file_name" for k in unsupported
+    ]
     if not any(entry.get(k) for k in _SOURCES):
         problems.append(f"'{name}': no file_name (or hf_hub_url / ms_hub_url) says where its rows are")
     formatting = entry.get("formatting", "alpaca")
@@ -93,13 +128,19 @@ def _problems(name: str, entry: Mapping[str, Any]) -> list[str]:
     if entry.get("ranking"):
         problems.append(f"'{name}': ranking (preference) datasets need DPO training, which is not supported yet")
     columns = entry.get("columns", {}) or {}
-    problems += [f"'{name}': unknown columns key '{k}'.{did_you_mean(k, KNOWN_COLUMNS)}"
-                 for k in sorted(set(columns) - KNOWN_COLUMNS)]
-    problems += [f"'{name}': the '{k}' column (tools, media or preference data) is not supported yet; remove it "
-                 "from columns" for k in sorted(set(columns) & (KNOWN_COLUMNS - USED_COLUMNS))]
+    problems += [
+        f"'{name}': unknown columns key '{k}'.{did_you_mean(k, KNOWN_COLUMNS)}"
+        for k in sorted(set(columns) - KNOWN_COLUMNS)
+    ]
+    problems += [
+        f"'{name}': the '{k}' column (tools, media or preference data) is not supported yet; remove it from columns"
+        for k in sorted(set(columns) & (KNOWN_COLUMNS - USED_COLUMNS))
+    ]
     tags = entry.get("tags", {}) or {}
-    problems += [f"'{name}': unknown tags key '{k}'.{did_you_mean(k, TAG_DEFAULTS)}"
-                 for k in sorted(set(tags) - set(TAG_DEFAULTS))]
+    problems += [
+        f"'{name}': unknown tags key '{k}'.{did_you_mean(k, TAG_DEFAULTS)}"
+        for k in sorted(set(tags) - set(TAG_DEFAULTS))
+    ]
     return problems
 
 

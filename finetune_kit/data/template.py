@@ -74,8 +74,9 @@ class ChatTemplate:
     def prompt(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
         """The text that asks the model for the next assistant reply."""
         if not messages or messages[-1]["role"] != "user":
-            raise TemplateError("a prompt must end with a user message; got "
-                                f"{messages[-1]['role'] if messages else 'no messages'}")
+            raise TemplateError(
+                f"a prompt must end with a user message; got {messages[-1]['role'] if messages else 'no messages'}"
+            )
         return "".join(text for text, _ in self.segments(messages, tokenizer))
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
@@ -112,11 +113,15 @@ class ChatTemplate:
             "{% else %}{% set system_message = " + repr(self.default_system) + " %}"
             "{% set loop_messages = messages %}{% endif %}"
             + prefix_j
-            + "{% if system_message %}" + slot(self.system, "system_message") + "{% endif %}"
+            + "{% if system_message %}"
+            + slot(self.system, "system_message")
+            + "{% endif %}"
             "{% for message in loop_messages %}"
-            "{% if message['role'] == 'user' %}" + slot(self.user, "message['content']")
+            "{% if message['role'] == 'user' %}"
+            + slot(self.user, "message['content']")
             + "{% elif message['role'] == 'assistant' %}"
-            + lit(self.assistant_prefix) + slot("{content}" + self.assistant_suffix, "message['content']")
+            + lit(self.assistant_prefix)
+            + slot("{content}" + self.assistant_suffix, "message['content']")
             + "{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}" + lit(self.assistant_prefix) + "{% endif %}"
         )
@@ -155,7 +160,7 @@ def _native_segments(tokenizer: Any, system: str | None, turns: list[Message]) -
                 "the tokenizer's chat template does not render conversations incrementally (a later turn "
                 "changes earlier text), so replies cannot be masked reliably; pass a named template instead"
             )
-        pieces.append((text[len(done):], msg["role"] == "assistant"))
+        pieces.append((text[len(done) :], msg["role"] == "assistant"))
         done = text
     return pieces
 
@@ -198,8 +203,9 @@ def get_template(name: str | None, tokenizer: Any = None, *, default_system: str
                 "no template was given and the tokenizer has no chat_template. Fix: pass template='chatml' "
                 f"(available: {', '.join(sorted(TEMPLATES))})"
             )
-        native = ChatTemplate(name="tokenizer", system="", user="", assistant_prefix="", assistant_suffix="",
-                              native_jinja=jinja)
+        native = ChatTemplate(
+            name="tokenizer", system="", user="", assistant_prefix="", assistant_suffix="", native_jinja=jinja
+        )
         return native.with_default_system(default_system) if default_system else native
     if name not in TEMPLATES:
         raise TemplateError(

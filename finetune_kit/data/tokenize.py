@@ -32,20 +32,37 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
     return new_source, new_target
 
 
-def encode_conversation(messages: list[dict[str, str]], tokenizer: Any, template: ChatTemplate, *,
-                        cutoff_len: int, train_on_prompt: bool = False,
-                        mask_history: bool = False) -> tuple[list[int], list[int]]:
+def encode_conversation(
+    messages: list[dict[str, str]],
+    tokenizer: Any,
+    template: ChatTemplate,
+    *,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+) -> tuple[list[int], list[int]]:
     """Encode one conversation turn by turn within ``cutoff_len`` tokens; return ids and labels."""
     ids, labels, _ = _encode(messages, tokenizer, template, cutoff_len, train_on_prompt, mask_history)
     return ids, labels
 
 
-def _encode(messages: list[dict[str, str]], tokenizer: Any, template: ChatTemplate, cutoff_len: int,
-            train_on_prompt: bool, mask_history: bool) -> tuple[list[int], list[int], int]:
+def _encode(
+    messages: list[dict[str, str]],
+    tokenizer: Any,
+    template: ChatTemplate,
+    cutoff_len: int,
+    train_on_prompt: bool,
+    mask_history: bool,
+) -> tuple[list[int], list[int], int]:
     """:func:`encode_conversation` plus the untruncated length (to count truncated examples)."""
     pieces = template.segments(messages, tokenizer)
-    pairs = [(tokenizer.encode(pieces[i][0], add_special_tokens=False),
-              tokenizer.encode(pieces[i + 1][0], add_special_tokens=False)) for i in range(0, len(pieces) - 1, 2)]
+    pairs = [
+        (
+            tokenizer.encode(pieces[i][0], add_special_tokens=False),
+            tokenizer.encode(pieces[i + 1][0], add_special_tokens=False),
+        )
+        for i in range(0, len(pieces) - 1, 2)
+    ]
     input_ids: list[int] = []
     labels: list[int] = []
     total = 0
@@ -98,8 +115,10 @@ class TokenizedDataset:
         return len(self.dataset)
 
     def __repr__(self) -> str:
-        return (f"TokenizedDataset({len(self)} examples, {self.num_tokens} tokens, {self.num_trained_tokens} trained, "
-                f"cutoff_len={self.cutoff_len}, truncated={self.truncated})")
+        return (
+            f"TokenizedDataset({len(self)} examples, {self.num_tokens} tokens, {self.num_trained_tokens} trained, "
+            f"cutoff_len={self.cutoff_len}, truncated={self.truncated})"
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -116,12 +135,21 @@ class TokenizedDataset:
         if tokenizer is None:
             return f"input_ids: {row['input_ids']}\nlabels: {row['labels']}"
         trained = [t for t in row["labels"] if t != IGNORE_INDEX]
-        return (f"inputs:\n{tokenizer.decode(row['input_ids'], skip_special_tokens=False)}\n"
-                f"labels:\n{tokenizer.decode(trained, skip_special_tokens=False)}")
+        return (
+            f"inputs:\n{tokenizer.decode(row['input_ids'], skip_special_tokens=False)}\n"
+            f"labels:\n{tokenizer.decode(trained, skip_special_tokens=False)}"
+        )
 
 
-def tokenize(examples: Iterable[Example], tokenizer: Any, template: ChatTemplate, *, cutoff_len: int,
-             train_on_prompt: bool = False, mask_history: bool = False) -> TokenizedDataset:
+def tokenize(
+    examples: Iterable[Example],
+    tokenizer: Any,
+    template: ChatTemplate,
+    *,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+) -> TokenizedDataset:
     """Encode every example (a :class:`Conversations` or any iterable of :class:`Example`) once."""
     import datasets
 
@@ -135,6 +163,13 @@ def tokenize(examples: Iterable[Example], tokenizer: Any, template: ChatTemplate
         ids.append(x)
         labels.append(y)
     ds = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": labels})
-    return TokenizedDataset(ds, cutoff_len, truncated, template=template.name, train_on_prompt=train_on_prompt,
-                            mask_history=mask_history, names=tuple(getattr(examples, "names", ())),
-                            tokenizer=tokenizer)
+    return TokenizedDataset(
+        ds,
+        cutoff_len,
+        truncated,
+        template=template.name,
+        train_on_prompt=train_on_prompt,
+        mask_history=mask_history,
+        names=tuple(getattr(examples, "names", ())),
+        tokenizer=tokenizer,
+    )

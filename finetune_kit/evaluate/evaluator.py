@@ -64,8 +64,10 @@ class EvalReport:
             old, new = before.scores[k], self.scores[k]
             lines.append(f"{k:<8} {old:>9.4f} {new:>9.4f} {new - old:>+9.4f}")
         if before.num_samples != self.num_samples:
-            lines.append(f"note: different sample counts (before {before.num_samples}, after {self.num_samples}); "
-                         "the scores are not directly comparable")
+            lines.append(
+                f"note: different sample counts (before {before.num_samples}, after {self.num_samples}); "
+                "the scores are not directly comparable"
+            )
         return "\n".join(lines)
 
     def example_scores(self) -> list[dict[str, float]]:
@@ -97,14 +99,19 @@ class Evaluator:
     generation: GenerationConfig
     config: PredictConfig
 
-    def __init__(self, model: object, generation: GenerationConfig | None = None,
-                 config: PredictConfig | None = None) -> None:
+    def __init__(
+        self, model: object, generation: GenerationConfig | None = None, config: PredictConfig | None = None
+    ) -> None:
         if generation is not None and not isinstance(generation, GenerationConfig):
-            raise TypeError(f"generation must be a GenerationConfig, got {type(generation).__name__}; "
-                            "use Evaluator(model).with_generation(max_new_tokens=...) to change settings")
+            raise TypeError(
+                f"generation must be a GenerationConfig, got {type(generation).__name__}; "
+                "use Evaluator(model).with_generation(max_new_tokens=...) to change settings"
+            )
         if config is not None and not isinstance(config, PredictConfig):
-            raise TypeError(f"config must be a PredictConfig, got {type(config).__name__}; "
-                            "use Evaluator(model).with_config(per_device_eval_batch_size=...) to change settings")
+            raise TypeError(
+                f"config must be a PredictConfig, got {type(config).__name__}; "
+                "use Evaluator(model).with_config(per_device_eval_batch_size=...) to change settings"
+            )
         object.__setattr__(self, "model", as_engine(model, who="Evaluator"))
         object.__setattr__(self, "generation", generation if generation is not None else EVAL_GENERATION)
         object.__setattr__(self, "config", config if config is not None else PredictConfig())
@@ -116,9 +123,11 @@ class Evaluator:
             decoding += f", num_beams={gen.num_beams}"
         limit = f", max_samples={self.config.max_samples}" if self.config.max_samples is not None else ""
         out = f", output_dir='{self.config.output_dir}'" if self.config.output_dir is not None else ""
-        return (f"Evaluator({_display(self.model)}, template={_template(self.model)}, {decoding}, "
-                f"max_new_tokens={gen.max_new_tokens}, batch_size={self.config.per_device_eval_batch_size}"
-                f"{limit}{out})")
+        return (
+            f"Evaluator({_display(self.model)}, template={_template(self.model)}, {decoding}, "
+            f"max_new_tokens={gen.max_new_tokens}, batch_size={self.config.per_device_eval_batch_size}"
+            f"{limit}{out})"
+        )
 
     def with_generation(self, **changes: Any) -> Evaluator:
         """A new Evaluator with these :class:`GenerationConfig` fields changed."""
@@ -131,18 +140,21 @@ class Evaluator:
     def explain(self) -> str:
         """The resolved settings of the next :meth:`predict`, before any generation."""
         cfg, gen = self.config, self.generation
-        return "\n".join([
-            f"model:       {_display(self.model)} (template {_template(self.model)})",
-            f"decoding:    {gen!r}",
-            f"batch size:  {cfg.per_device_eval_batch_size} (left-padded)",
-            f"max samples: {cfg.max_samples if cfg.max_samples is not None else 'all'}",
-            f"output_dir:  {cfg.output_dir or '(nothing written)'}"
-            + (" (overwrite allowed)" if cfg.overwrite_output_dir else ""),
-            "metrics:     ROUGE-1/2/L F on jieba words, BLEU-4 on characters (nltk method3), x100",
-        ])
+        return "\n".join(
+            [
+                f"model:       {_display(self.model)} (template {_template(self.model)})",
+                f"decoding:    {gen!r}",
+                f"batch size:  {cfg.per_device_eval_batch_size} (left-padded)",
+                f"max samples: {cfg.max_samples if cfg.max_samples is not None else 'all'}",
+                f"output_dir:  {cfg.output_dir or '(nothing written)'}"
+                + (" (overwrite allowed)" if cfg.overwrite_output_dir else ""),
+                "metrics:     ROUGE-1/2/L F on jieba words, BLEU-4 on characters (nltk method3), x100",
+            ]
+        )
 
-    def predict(self, data: Conversations, *, output_dir: str | Path | None = None,
-                progress: bool = True) -> EvalReport:
+    def predict(
+        self, data: Conversations, *, output_dir: str | Path | None = None, progress: bool = True
+    ) -> EvalReport:
         """Generate a reply for every example's prompt and score it against the example's last reply.
 
         ``output_dir`` (or the config's) receives ``generated_predictions.jsonl`` (written batch by
@@ -154,8 +166,10 @@ class Evaluator:
         if cfg.max_samples is not None:
             data = data.head(cfg.max_samples)
         if len(data) == 0:
-            raise DatasetError("no examples to predict: the dataset is empty. Fix: pass a dataset with rows "
-                               "(and max_samples of at least 1)")
+            raise DatasetError(
+                "no examples to predict: the dataset is empty. Fix: pass a dataset with rows "
+                "(and max_samples of at least 1)"
+            )
         require_metrics()
         out = Path(cfg.output_dir) if cfg.output_dir is not None else None
         if out is not None:
@@ -164,27 +178,32 @@ class Evaluator:
         started = time.perf_counter()
         batch = cfg.per_device_eval_batch_size
         if out is not None:
-            records = pred.predict_to_dir(self.model, data, self.generation, out, batch_size=batch,
-                                          progress=progress)
+            records = pred.predict_to_dir(self.model, data, self.generation, out, batch_size=batch, progress=progress)
         else:
-            records = pred.generate_records(self.model, data, self.generation, batch_size=batch,
-                                            progress=progress)
+            records = pred.generate_records(self.model, data, self.generation, batch_size=batch, progress=progress)
         scores = generation_scores(*pred.prediction_pairs(records))
         runtime = time.perf_counter() - started
 
         if out is not None:
             results = pred.results_dict(scores, num_samples=len(records), runtime_s=runtime)
             pred.write_results(out, results, self._record(data, cfg))
-        return EvalReport(scores=scores, records=tuple(records), output_dir=out, num_samples=len(records),
-                          runtime_s=runtime)
+        return EvalReport(
+            scores=scores, records=tuple(records), output_dir=out, num_samples=len(records), runtime_s=runtime
+        )
 
     def _record(self, data: Conversations, cfg: PredictConfig) -> dict[str, Any]:
         return provenance(
-            "predict", model=_display(self.model), adapters=getattr(self.model, "adapters", ()),
-            template=_template(self.model), datasets=data.names,
+            "predict",
+            model=_display(self.model),
+            adapters=getattr(self.model, "adapters", ()),
+            template=_template(self.model),
+            datasets=data.names,
             config={"generation": self.generation.to_dict(), "predict": cfg.to_dict()},
-            metrics={"rouge": "rouge_chinese F on jieba.cut(HMM=True, cut_all=False) words",
-                     "bleu": "nltk sentence_bleu on characters, SmoothingFunction().method3"})
+            metrics={
+                "rouge": "rouge_chinese F on jieba.cut(HMM=True, cut_all=False) words",
+                "bleu": "nltk sentence_bleu on characters, SmoothingFunction().method3",
+            },
+        )
 
 
 def _display(engine: Engine) -> str:

@@ -113,8 +113,9 @@ def generation_scores(predictions: Sequence[str], labels: Sequence[str]) -> dict
 
 def _check_lengths(predictions: Sequence[str], labels: Sequence[str]) -> None:
     if isinstance(predictions, str) or isinstance(labels, str):
-        raise TypeError("predictions and labels must be sequences of strings, not a single string; "
-                        "wrap it in a list: generation_scores([pred], [label])")
+        raise TypeError(
+            "predictions and labels must be sequences of strings, not a single string; "
+            "wrap it in a list: generation_scores([pred], [label])"
+        )
     if len(predictions) != len(labels):
-        raise ValueError(f"got {len(predictions)} predictions but {len(labels)} labels; "
-                         "they must pair up one to one")
+        raise ValueError(f"got {len(predictions)} predictions but {len(labels)} labels; they must pair up one to one")

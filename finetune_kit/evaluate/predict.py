@@ -32,17 +32,28 @@ def check_output_dir(output_dir: Path, *, overwrite: bool) -> None:
     """Refuse to replace earlier predictions in ``output_dir`` unless ``overwrite``."""
     if overwrite:
         return
-    earlier = [output_dir / name for name in (PREDICTIONS_FILE, RESULTS_FILE)
-               if (output_dir / name).is_file() and (output_dir / name).stat().st_size > 0]
+    earlier = [
+        output_dir / name
+        for name in (PREDICTIONS_FILE, RESULTS_FILE)
+        if (output_dir / name).is_file() and (output_dir / name).stat().st_size > 0
+    ]
     if earlier:
         raise OutputExistsError(
             f"{earlier[0]} already exists (predictions of an earlier run); refusing to overwrite it. "
             "Fix: pass another output_dir, or allow it with with_config(overwrite_output_dir=True) "
-            "(YAML: overwrite_output_dir: true)")
+            "(YAML: overwrite_output_dir: true)"
+        )
 
 
-def generate_records(model: Engine, data: Conversations, generation: GenerationConfig, *,
-                     batch_size: int, sink: IO[str] | None = None, progress: bool = True) -> list[Record]:
+def generate_records(
+    model: Engine,
+    data: Conversations,
+    generation: GenerationConfig,
+    *,
+    batch_size: int,
+    sink: IO[str] | None = None,
+    progress: bool = True,
+) -> list[Record]:
     """Generate a reply to every example's prompt; one ``{prompt, predict, label}`` record each.
 
     Batches of ``batch_size`` prompts go to :meth:`Engine.generate` (left-padded); after each
@@ -54,11 +65,13 @@ def generate_records(model: Engine, data: Conversations, generation: GenerationC
     records: list[Record] = []
     with tqdm(total=len(examples), desc="Predicting", unit="example", disable=not progress) as bar:
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+            chunk = examples[start : start + batch_size]
             prompts = [e.prompt_messages for e in chunk]
             completions = model.generate(prompts, generation, batch_size=batch_size)
-            batch = [{"prompt": model.render_prompt(p), "predict": c.text, "label": e.label}
-                     for p, c, e in zip(prompts, completions, chunk, strict=True)]
+            batch = [
+                {"prompt": model.render_prompt(p), "predict": c.text, "label": e.label}
+                for p, c, e in zip(prompts, completions, chunk, strict=True)
+            ]
             if sink is not None:
                 sink.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
                 sink.flush()
@@ -67,8 +80,15 @@ def generate_records(model: Engine, data: Conversations, generation: GenerationC
     return records
 
 
-def predict_to_dir(model: Engine, data: Conversations, generation: GenerationConfig, output_dir: Path, *,
-                   batch_size: int, progress: bool = True) -> list[Record]:
+def predict_to_dir(
+    model: Engine,
+    data: Conversations,
+    generation: GenerationConfig,
+    output_dir: Path,
+    *,
+    batch_size: int,
+    progress: bool = True,
+) -> list[Record]:
     """:func:`generate_records`, streaming ``generated_predictions.jsonl`` into ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / PREDICTIONS_FILE

@@ -20,11 +20,13 @@ def prepare_target(export_dir: Path, overwrite: bool) -> None:
         if not (export_dir / EXPORT_RECORD).is_file() and not overwrite:
             raise OutputExistsError(
                 f"export_dir {export_dir} already exists, is not empty and is not a finetune_kit export. Fix: choose "
-                "a new export_dir, or set overwrite_export_dir: true to replace it")
+                "a new export_dir, or set overwrite_export_dir: true to replace it"
+            )
 
 
-def write_export(model: LoadedModel, merged: Any, export_dir: Path, *, shard_gb: int, legacy: bool,
-                 info: dict[str, Any]) -> ExportedModel:
+def write_export(
+    model: LoadedModel, merged: Any, export_dir: Path, *, shard_gb: int, legacy: bool, info: dict[str, Any]
+) -> ExportedModel:
     """Write weights, tokenizer (with the chat template) and generation config atomically.
 
     ``merged`` is the plain transformers model to save (its configs get the template's stop ids).

@@ -34,8 +34,10 @@ class Exporter:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.model, (LoadedModel, ModelSource)) or callable(getattr(self.model, "load", None))):
-            raise TypeError(f"Exporter needs a TrainResult, a LoadedModel or a ModelSource, got "
-                            f"{type(self.model).__name__}. Fix: Exporter(trainer.train(data))")
+            raise TypeError(
+                f"Exporter needs a TrainResult, a LoadedModel or a ModelSource, got "
+                f"{type(self.model).__name__}. Fix: Exporter(trainer.train(data))"
+            )
 
     def __repr__(self) -> str:
         return f"Exporter({self.model!r}, export_size={self.config.export_size}GB)"
@@ -71,9 +73,16 @@ class Exporter:
         else:
             merged = merged_clone(model.model)
         template = None if model.template.is_native else model.template.name
-        info = provenance("export", model=model.source.display_name, adapters=model.adapters,
-                          template=model.template.name,
-                          config={"export": self.config.with_(export_dir=str(target)).to_dict(),
-                                  "model": model.source.config.with_(template=template).to_saved_dict()})
-        return write_export(model, merged, target, shard_gb=self.config.export_size,
-                            legacy=self.config.export_legacy_format, info=info)
+        info = provenance(
+            "export",
+            model=model.source.display_name,
+            adapters=model.adapters,
+            template=model.template.name,
+            config={
+                "export": self.config.with_(export_dir=str(target)).to_dict(),
+                "model": model.source.config.with_(template=template).to_saved_dict(),
+            },
+        )
+        return write_export(
+            model, merged, target, shard_gb=self.config.export_size, legacy=self.config.export_legacy_format, info=info
+        )

@@ -26,8 +26,14 @@ def as_messages(messages: str | Sequence[Message], system: str | None = None) ->
     return msgs
 
 
-def generate(lm: LoadedModel, conversations: Sequence[Sequence[Message]], gen: GenerationConfig, *,
-             batch_size: int, stop: Sequence[str]) -> list[Completion]:
+def generate(
+    lm: LoadedModel,
+    conversations: Sequence[Sequence[Message]],
+    gen: GenerationConfig,
+    *,
+    batch_size: int,
+    stop: Sequence[str],
+) -> list[Completion]:
     """Replies for many conversations, in left-padded batches of ``batch_size``."""
     import torch
 
@@ -37,20 +43,27 @@ def generate(lm: LoadedModel, conversations: Sequence[Sequence[Message]], gen: G
     model, device = lm.model, lm.device
     model.eval()
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id,
-                                 eos_token_id=lm.stop_token_ids, **_stop_kwargs(lm, stop), **gen.to_hf_kwargs())
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                pad_token_id=pad_id,
+                eos_token_id=lm.stop_token_ids,
+                **_stop_kwargs(lm, stop),
+                **gen.to_hf_kwargs(),
+            )
         for row, prompt in zip(out[:, width:].tolist(), chunk, strict=True):
             results.append(finish(lm, row, len(prompt), gen, stop))
     return results
 
 
-def stream(lm: LoadedModel, messages: Sequence[Message], gen: GenerationConfig, *,
-           stop: Sequence[str]) -> Iterator[str | Completion]:
+def stream(
+    lm: LoadedModel, messages: Sequence[Message], gen: GenerationConfig, *, stop: Sequence[str]
+) -> Iterator[str | Completion]:
     """Text pieces as they are generated, then one final :class:`Completion`.
 
     A tail that could be the start of a stop string (or half of a multi-byte character) is held
@@ -68,9 +81,14 @@ def stream(lm: LoadedModel, messages: Sequence[Message], gen: GenerationConfig, 
         try:
             with torch.inference_mode():
                 holder["out"] = lm.model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                    pad_token_id=pad_token_id(lm), eos_token_id=lm.stop_token_ids,
-                    **_stop_kwargs(lm, stop), **gen.to_hf_kwargs())
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    streamer=streamer,
+                    pad_token_id=pad_token_id(lm),
+                    eos_token_id=lm.stop_token_ids,
+                    **_stop_kwargs(lm, stop),
+                    **gen.to_hf_kwargs(),
+                )
         except BaseException as exc:  # re-raised in the consuming thread
             holder["error"] = exc
             streamer.end()
@@ -86,12 +104,12 @@ def stream(lm: LoadedModel, messages: Sequence[Message], gen: GenerationConfig, 
         cut = cut_at_stop(seen, stop)
         if cut is not None:
             if cut > len(sent):
-                yield seen[len(sent):cut]
+                yield seen[len(sent) : cut]
             stopped_early = True
             break
         safe = len(seen) - max(stop_prefix_len(seen, stop), len(seen) - len(seen.rstrip("\ufffd")))
         if safe > len(sent):
-            yield seen[len(sent):safe]
+            yield seen[len(sent) : safe]
             sent = seen[:safe]
     if stopped_early:  # drain after a stop string so the generation thread can finish
         for _ in streamer:
@@ -99,10 +117,10 @@ def stream(lm: LoadedModel, messages: Sequence[Message], gen: GenerationConfig, 
     thread.join()
     if "error" in holder:
         raise holder["error"]
-    row = holder["out"][0, len(prompt):].tolist()
+    row = holder["out"][0, len(prompt) :].tolist()
     final = finish(lm, row, len(prompt), gen, stop)
     if not stopped_early and len(final.text) > len(sent) and final.text.startswith(sent):
-        yield final.text[len(sent):]  # the held-back tail turned out not to be a stop string
+        yield final.text[len(sent) :]  # the held-back tail turned out not to be a stop string
     yield final
 
 

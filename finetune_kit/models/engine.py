@@ -50,8 +50,20 @@ class Engine(Protocol):
 
     def render_prompt(self, messages: Sequence[Message]) -> str: ...
 
-    def generate(self, conversations: Sequence[Sequence[Message]], generation: GenerationConfig | None = None, *,
-                 batch_size: int = 8, stop: Sequence[str] = ()) -> list[Completion]: ...
+    def generate(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        generation: GenerationConfig | None = None,
+        *,
+        batch_size: int = 8,
+        stop: Sequence[str] = (),
+    ) -> list[Completion]: ...
 
-    def stream(self, messages: str | Sequence[Message], generation: GenerationConfig | None = None, *,
-               system: str | None = None, stop: Sequence[str] = ()) -> Iterator[str | Completion]: ...
+    def stream(
+        self,
+        messages: str | Sequence[Message],
+        generation: GenerationConfig | None = None,
+        *,
+        system: str | None = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[str | Completion]: ...

@@ -87,7 +87,9 @@ GREEDY = DEFAULT_GENERATION
 def resolve_generation(generation: GenerationConfig | None, overrides: GenerationOverrides) -> GenerationConfig:
     """``generation`` (default :data:`DEFAULT_GENERATION`) with keyword ``overrides`` applied and checked."""
     if generation is not None and not isinstance(generation, GenerationConfig):
-        raise TypeError(f"generation must be a GenerationConfig, got {type(generation).__name__}; pass single "
-                        "settings as keywords instead, e.g. max_new_tokens=64")
+        raise TypeError(
+            f"generation must be a GenerationConfig, got {type(generation).__name__}; pass single "
+            "settings as keywords instead, e.g. max_new_tokens=64"
+        )
     base = generation if generation is not None else DEFAULT_GENERATION
     return base.with_(**overrides) if overrides else base

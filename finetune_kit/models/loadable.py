@@ -30,8 +30,10 @@ def as_loaded(model: object, *, who: str) -> LoadedModel:
         if isinstance(loaded, LoadedModel):
             return loaded
         raise TypeError(f"{type(model).__name__}.load() returned {type(loaded).__name__}, not a LoadedModel")
-    raise TypeError(f"{who} needs a LoadedModel or something with .load() (a ModelSource, TrainResult or "
-                    f"ExportedModel); got {type(model).__name__}. Fix: {who}(ModelSource.bundled().load())")
+    raise TypeError(
+        f"{who} needs a LoadedModel or something with .load() (a ModelSource, TrainResult or "
+        f"ExportedModel); got {type(model).__name__}. Fix: {who}(ModelSource.bundled().load())"
+    )
 
 
 def as_engine(model: object, *, who: str) -> Engine:

@@ -46,8 +46,10 @@ class LoadedModel:
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         adapters = f", adapters={list(self.adapters)}" if self.adapters else ""
-        return (f"LoadedModel({self.source.display_name}, {n / 1e6:.1f}M params, template={self.template.name}, "
-                f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device}{adapters})")
+        return (
+            f"LoadedModel({self.source.display_name}, {n / 1e6:.1f}M params, template={self.template.name}, "
+            f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device}{adapters})"
+        )
 
     @property
     def dtype(self) -> Any:
@@ -96,9 +98,13 @@ class LoadedModel:
         """
         folder = os.fspath(path)
         adapters = (*self.adapters, folder)
-        return LoadedModel(source=self.source.with_config(adapter_name_or_path=adapters),
-                           model=add_adapter(self.model, folder), tokenizer=self.tokenizer, template=self.template,
-                           adapters=adapters)
+        return LoadedModel(
+            source=self.source.with_config(adapter_name_or_path=adapters),
+            model=add_adapter(self.model, folder),
+            tokenizer=self.tokenizer,
+            template=self.template,
+            adapters=adapters,
+        )
 
     def tokenizer_with_template(self) -> Any:
         """A copy of the tokenizer whose ``chat_template`` renders this model's template (for saving)."""
@@ -116,8 +122,15 @@ class LoadedModel:
         text = self.render_prompt(decoding.as_messages(messages, system))
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def chat(self, messages: str | Sequence[Message], generation: GenerationConfig | None = None, *,
-             system: str | None = None, stop: Sequence[str] = (), **overrides: Unpack[GenerationOverrides]) -> str:
+    def chat(
+        self,
+        messages: str | Sequence[Message],
+        generation: GenerationConfig | None = None,
+        *,
+        system: str | None = None,
+        stop: Sequence[str] = (),
+        **overrides: Unpack[GenerationOverrides],
+    ) -> str:
         """Answer one conversation (or a single user string) and return the reply text.
 
         ``overrides`` are :class:`GenerationConfig` fields, e.g. ``max_new_tokens=64, do_sample=True``.
@@ -125,16 +138,28 @@ class LoadedModel:
         conversation = decoding.as_messages(messages, system)
         return self.generate([conversation], generation, stop=stop, **overrides)[0].text
 
-    def generate(self, conversations: Sequence[Sequence[Message]], generation: GenerationConfig | None = None, *,
-                 batch_size: int = 8, stop: Sequence[str] = (),
-                 **overrides: Unpack[GenerationOverrides]) -> list[Completion]:
+    def generate(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        generation: GenerationConfig | None = None,
+        *,
+        batch_size: int = 8,
+        stop: Sequence[str] = (),
+        **overrides: Unpack[GenerationOverrides],
+    ) -> list[Completion]:
         """Generate replies for many conversations, in left-padded batches of ``batch_size``."""
         gen = resolve_generation(generation, overrides)
         return decoding.generate(self, conversations, gen, batch_size=batch_size, stop=stop)
 
-    def stream(self, messages: str | Sequence[Message], generation: GenerationConfig | None = None, *,
-               system: str | None = None, stop: Sequence[str] = (),
-               **overrides: Unpack[GenerationOverrides]) -> Iterator[str | Completion]:
+    def stream(
+        self,
+        messages: str | Sequence[Message],
+        generation: GenerationConfig | None = None,
+        *,
+        system: str | None = None,
+        stop: Sequence[str] = (),
+        **overrides: Unpack[GenerationOverrides],
+    ) -> Iterator[str | Completion]:
         """Yield text pieces as they are generated, then one final :class:`Completion`."""
         gen = resolve_generation(generation, overrides)
         return decoding.stream(self, decoding.as_messages(messages, system), gen, stop=stop)

@@ -60,14 +60,16 @@ class LoadPlan:
         adapters = ", ".join(self.adapters) if self.adapters else "none"
         if len(self.adapters) > 1:
             adapters += " (all but the last merged at load time)"
-        return "\n".join([
-            f"load:             {self.model} for {self.purpose}",
-            f"  dtype:          {self.dtype}",
-            f"  device:         {self.device}",
-            f"  attention:      {self.attn_implementation or 'transformers default (sdpa where supported)'}",
-            f"  template:       {self.template or 'the tokenizer own chat template'}",
-            f"  adapters:       {adapters}",
-        ])
+        return "\n".join(
+            [
+                f"load:             {self.model} for {self.purpose}",
+                f"  dtype:          {self.dtype}",
+                f"  device:         {self.device}",
+                f"  attention:      {self.attn_implementation or 'transformers default (sdpa where supported)'}",
+                f"  template:       {self.template or 'the tokenizer own chat template'}",
+                f"  adapters:       {adapters}",
+            ]
+        )
 
 
 def local_device(requested: str = "auto") -> str:
@@ -87,8 +89,9 @@ def training_dtype(infer_dtype: str, *, bf16: bool, fp16: bool) -> str:
     return "bfloat16" if bf16 else "float16" if fp16 else "float32"
 
 
-def plan_load(source: ModelSource, *, purpose: Purpose = "inference", bf16: bool = False,
-              fp16: bool = False) -> LoadPlan:
+def plan_load(
+    source: ModelSource, *, purpose: Purpose = "inference", bf16: bool = False, fp16: bool = False
+) -> LoadPlan:
     """Decide how ``source`` will be loaded (nothing is read but small JSON records)."""
     import torch
 
@@ -109,9 +112,17 @@ def plan_load(source: ModelSource, *, purpose: Purpose = "inference", bf16: bool
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     else:
         dtype = "float32"
-    return LoadPlan(model=source.display_name, purpose=purpose, dtype=dtype, device=device,
-                    attn_implementation=_ATTENTION[cfg.flash_attn], template=template, default_system=system,
-                    adapters=adapters, trust_remote_code=cfg.trust_remote_code)
+    return LoadPlan(
+        model=source.display_name,
+        purpose=purpose,
+        dtype=dtype,
+        device=device,
+        attn_implementation=_ATTENTION[cfg.flash_attn],
+        template=template,
+        default_system=system,
+        adapters=adapters,
+        trust_remote_code=cfg.trust_remote_code,
+    )
 
 
 def load_tokenizer(source: ModelSource, path: Path, plan: LoadPlan) -> tuple[Any, ChatTemplate]:
@@ -142,5 +153,4 @@ def load_model(source: ModelSource, plan: LoadPlan | None = None) -> LoadedModel
     if plan.adapters:
         model = apply_adapters(model, plan.adapters, trainable=plan.purpose == "training")
     resolved = source.with_config(template=plan.template, default_system=plan.default_system)
-    return LoadedModel(source=resolved, model=model, tokenizer=tokenizer, template=template,
-                       adapters=plan.adapters)
+    return LoadedModel(source=resolved, model=model, tokenizer=tokenizer, template=template, adapters=plan.adapters)

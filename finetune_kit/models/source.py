@@ -71,8 +71,7 @@ class ModelSource:
     @classmethod
     def modelscope(cls, repo_id: str, *, revision: str = "master", cache_dir: str | None = None) -> ModelSource:
         """A ModelScope id, fetched with ``modelscope.snapshot_download``."""
-        cfg = ModelConfig(model_name_or_path=repo_id, model_revision=revision, cache_dir=cache_dir,
-                          use_modelscope=True)
+        cfg = ModelConfig(model_name_or_path=repo_id, model_revision=revision, cache_dir=cache_dir, use_modelscope=True)
         return cls("modelscope", repo_id, cfg)
 
     @classmethod
@@ -85,12 +84,14 @@ class ModelSource:
         """Build a source from a :class:`ModelConfig` (YAML / CLI keys)."""
         value = config.model_name_or_path
         if not value:
-            raise ConfigError("model_name_or_path is required. Fix: set it to a local folder, a hub id, or "
-                              "bundled:smollm2-135m-instruct")
+            raise ConfigError(
+                "model_name_or_path is required. Fix: set it to a local folder, a hub id, or "
+                "bundled:smollm2-135m-instruct"
+            )
         if value.startswith(BUNDLED_PREFIX):
-            src = cls.bundled(value[len(BUNDLED_PREFIX):])
+            src = cls.bundled(value[len(BUNDLED_PREFIX) :])
         elif value.startswith("modelscope:"):
-            src = cls.modelscope(value[len("modelscope:"):])
+            src = cls.modelscope(value[len("modelscope:") :])
         elif value.lower().endswith(".gguf"):
             src = cls.gguf(value)
         elif Path(value).expanduser().exists():
@@ -133,10 +134,15 @@ class ModelSource:
     def _resolve_hf(self) -> Path:
         from huggingface_hub import snapshot_download
 
-        kwargs = dict(repo_id=self.location, revision=self.config.model_revision, cache_dir=self.config.cache_dir,
-                      token=self.config.hf_hub_token)
-        return self._cache_then_hub(snapshot_download, kwargs, "the Hugging Face Hub", "HF_HOME",
-                                    _HUB_HINT.format(id=self.location))
+        kwargs = dict(
+            repo_id=self.location,
+            revision=self.config.model_revision,
+            cache_dir=self.config.cache_dir,
+            token=self.config.hf_hub_token,
+        )
+        return self._cache_then_hub(
+            snapshot_download, kwargs, "the Hugging Face Hub", "HF_HOME", _HUB_HINT.format(id=self.location)
+        )
 
     def _resolve_modelscope(self) -> Path:
         try:
@@ -146,8 +152,13 @@ class ModelSource:
         kwargs = dict(model_id=self.location, cache_dir=self.config.cache_dir)
         if self.config.model_revision not in ("main", "master"):
             kwargs["revision"] = self.config.model_revision
-        return self._cache_then_hub(snapshot_download, kwargs, "ModelScope", "MODELSCOPE_CACHE",
-                                    "pass a local path, or download it where ModelScope is reachable")
+        return self._cache_then_hub(
+            snapshot_download,
+            kwargs,
+            "ModelScope",
+            "MODELSCOPE_CACHE",
+            "pass a local path, or download it where ModelScope is reachable",
+        )
 
     def _cache_then_hub(self, download: Any, kwargs: dict[str, Any], hub: str, cache_env: str, fix: str) -> Path:
         """The local cache first; then the hub unless HF_HUB_OFFLINE is set; else an error naming the fix."""

@@ -58,8 +58,10 @@ _END = object()
 def concurrency(engine: Engine, config: ServeConfig) -> int:
     """Generations at once: ``max_concurrent``, capped by what the engine can run in parallel."""
     if engine.max_concurrency < 1:
-        raise ValueError(f"{type(engine).__name__}.max_concurrency is {engine.max_concurrency}; an Engine must "
-                         "run at least one generation at a time")
+        raise ValueError(
+            f"{type(engine).__name__}.max_concurrency is {engine.max_concurrency}; an Engine must "
+            "run at least one generation at a time"
+        )
     return min(config.max_concurrent, engine.max_concurrency)
 
 
@@ -71,8 +73,9 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
     context = engine.context_length
 
     app = FastAPI(title="finetune_kit OpenAI-compatible API", version="1")
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True,
-                       allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(
+        CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"]
+    )
     _install_error_handlers(app)
     router = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_check(config.api_key))] if config.api_key else [])
 
@@ -87,8 +90,12 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
     @router.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
         if model_id != name:
-            raise RequestError(f"The model '{model_id}' does not exist; this server serves '{name}'.",
-                               param="model", status=404, code="model_not_found")
+            raise RequestError(
+                f"The model '{model_id}' does not exist; this server serves '{name}'.",
+                param="model",
+                status=404,
+                code="model_not_found",
+            )
         return JSONResponse(card.model_dump())
 
     @router.post("/chat/completions")
@@ -102,22 +109,40 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
         except TemplateError as exc:
             raise RequestError(str(exc), param="messages") from exc
         if context and len(prompt) >= context:
-            raise RequestError(f"This model's maximum context length is {context} tokens, but the messages "
-                               f"take {len(prompt)} tokens. Shorten the conversation.",
-                               param="messages", code="context_length_exceeded")
+            raise RequestError(
+                f"This model's maximum context length is {context} tokens, but the messages "
+                f"take {len(prompt)} tokens. Shorten the conversation.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         stop = body.stop or []
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def log(status: str, usage: Usage | None) -> None:
             if config.api_verbose:
                 tokens = f"{usage.prompt_tokens}+{usage.completion_tokens} tokens" if usage else "no usage"
-                logger.info("chat.completions model=%s messages=%d n=%d stream=%s -> %s, %s, %.2fs",
-                            body.model, len(messages), body.n, body.stream, status, tokens,
-                            time.perf_counter() - started)
+                logger.info(
+                    "chat.completions model=%s messages=%d n=%d stream=%s -> %s, %s, %.2fs",
+                    body.model,
+                    len(messages),
+                    body.n,
+                    body.stream,
+                    status,
+                    tokens,
+                    time.perf_counter() - started,
+                )
 
         if body.stream:
-            events = _stream(engine, messages, gen, stop, slots, body.include_usage,
-                             ChatCompletionChunk(id=rid, created=created, model=name, choices=[]), log)
+            events = _stream(
+                engine,
+                messages,
+                gen,
+                stop,
+                slots,
+                body.include_usage,
+                ChatCompletionChunk(id=rid, created=created, model=name, choices=[]),
+                log,
+            )
             return EventSourceResponse(events, sep="\n")
 
         def work() -> list[Completion]:
@@ -125,19 +150,29 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
 
         done = await slots.run(work)
         usage = Usage.of(done)
-        choices = [Choice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
-                   for i, c in enumerate(done)]
+        choices = [
+            Choice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+            for i, c in enumerate(done)
+        ]
         log("200 " + ",".join(c.finish_reason for c in done), usage)
-        return JSONResponse(ChatCompletion(id=rid, created=created, model=name, choices=choices,
-                                           usage=usage).model_dump())
+        return JSONResponse(
+            ChatCompletion(id=rid, created=created, model=name, choices=choices, usage=usage).model_dump()
+        )
 
     app.include_router(router)
     return app
 
 
-async def _stream(engine: Engine, messages: list[dict[str, str]], gen: GenerationConfig, stop: list[str],
-                  slots: _Slots, include_usage: bool, base: ChatCompletionChunk,
-                  log: Callable[[str, Usage | None], None]) -> AsyncIterator[dict[str, str]]:
+async def _stream(
+    engine: Engine,
+    messages: list[dict[str, str]],
+    gen: GenerationConfig,
+    stop: list[str],
+    slots: _Slots,
+    include_usage: bool,
+    base: ChatCompletionChunk,
+    log: Callable[[str, Usage | None], None],
+) -> AsyncIterator[dict[str, str]]:
     """SSE events: role chunk, content chunks, finish chunk, optional usage chunk, ``[DONE]``."""
     skip = None if include_usage else {"usage"}
 
@@ -163,8 +198,10 @@ async def _stream(engine: Engine, messages: list[dict[str, str]], gen: Generatio
             for item in engine.stream(messages, gen, stop=stop):  # runs to the end even if abandoned
                 put(item)
             if item is None or isinstance(item, str):
-                raise TypeError(f"{type(engine).__name__}.stream() ended without a Completion; an Engine's "
-                                "stream yields text pieces, then one Completion")
+                raise TypeError(
+                    f"{type(engine).__name__}.stream() ended without a Completion; an Engine's "
+                    "stream yields text pieces, then one Completion"
+                )
         except BaseException as exc:
             put(exc)
         finally:
@@ -176,8 +213,9 @@ async def _stream(engine: Engine, messages: list[dict[str, str]], gen: Generatio
         while (item := await queue.get()) is not _END:
             if isinstance(item, BaseException):
                 logger.exception("generation failed mid-stream", exc_info=item)
-                error = RequestError(f"generation failed: {type(item).__name__}: {item}", status=500,
-                                     type="server_error")
+                error = RequestError(
+                    f"generation failed: {type(item).__name__}: {item}", status=500, type="server_error"
+                )
                 yield {"data": json.dumps(error.body())}
                 yield {"data": "[DONE]"}
                 log("error mid-stream", None)
@@ -189,7 +227,7 @@ async def _stream(engine: Engine, messages: list[dict[str, str]], gen: Generatio
                 final = item
         assert final is not None
         if len(final.text) > len(sent) and final.text.startswith(sent):  # text the streamer held back
-            yield event(ChunkChoice(delta=Delta(content=final.text[len(sent):])))
+            yield event(ChunkChoice(delta=Delta(content=final.text[len(sent) :])))
         yield event(ChunkChoice(delta=Delta(), finish_reason=final.finish_reason))
         usage = Usage.of([final])
         if include_usage:
@@ -267,13 +305,21 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed for {request.url.path}"
         else:
             message = str(exc.detail)
-        return _error_response(RequestError(message, status=exc.status_code, type="invalid_request_error"
-                                            if exc.status_code < 500 else "server_error"))
+        return _error_response(
+            RequestError(
+                message,
+                status=exc.status_code,
+                type="invalid_request_error" if exc.status_code < 500 else "server_error",
+            )
+        )
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("500 %s %s", request.method, request.url.path, exc_info=exc)
-        return _error_response(RequestError(f"The server failed to generate a reply: {type(exc).__name__}: {exc}",
-                                            status=500, type="server_error"))
+        return _error_response(
+            RequestError(
+                f"The server failed to generate a reply: {type(exc).__name__}: {exc}", status=500, type="server_error"
+            )
+        )
 
     app.add_exception_handler(RequestError, request_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -40,8 +40,7 @@ def describe_validation_errors(errors: Any) -> RequestError:
         elif kind == "missing":
             problems.append(f"missing required parameter '{param}'" if param else "the request body is missing")
         elif param is None:
-            problems.append(f"the request body must be a JSON object sent with Content-Type: application/json "
-                            f"({msg})")
+            problems.append(f"the request body must be a JSON object sent with Content-Type: application/json ({msg})")
         else:
             got = repr(err.get("input"))
             shown = kind != "value_error" and len(got) <= 80  # our own validators already quote the value
@@ -69,8 +68,10 @@ class ChatMessage(BaseModel):
         for i, part in enumerate(value):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"content part {i} has type {kind!r}; this server reads only "
-                                 "{'type': 'text', 'text': '...'} parts (no images or audio)")
+                raise ValueError(
+                    f"content part {i} has type {kind!r}; this server reads only "
+                    "{'type': 'text', 'text': '...'} parts (no images or audio)"
+                )
             texts.append(part["text"])
         return "\n".join(texts)
 
@@ -123,8 +124,7 @@ class ChatCompletionRequest(BaseModel):
     def check_supported(self) -> None:
         """Reject valid-looking requests this server cannot honour (raise :class:`RequestError`)."""
         if self.stream and self.n > 1:
-            raise RequestError(f"n={self.n} cannot be streamed; send stream=false for several choices",
-                               param="n")
+            raise RequestError(f"n={self.n} cannot be streamed; send stream=false for several choices", param="n")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
         if self.tools:
@@ -132,8 +132,10 @@ class ChatCompletionRequest(BaseModel):
         if self.logprobs:
             raise RequestError("logprobs are not supported by this server", param="logprobs")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise RequestError(f"response_format {self.response_format.get('type')!r} is not supported; "
-                               "only 'text'", param="response_format")
+            raise RequestError(
+                f"response_format {self.response_format.get('type')!r} is not supported; only 'text'",
+                param="response_format",
+            )
 
     def conversation(self) -> list[Message]:
         """Messages as the chat template wants them: optional system, then user/assistant turns ending
@@ -144,8 +146,11 @@ class ChatCompletionRequest(BaseModel):
         for i, msg in enumerate(self.messages):
             role = "system" if msg.role == "developer" else msg.role
             if role not in _ROLES:
-                raise RequestError(f"messages[{i}] has role {msg.role!r}; expected one of {', '.join(_ROLES)} "
-                                   "(tool and function messages are not supported)", param=f"messages[{i}].role")
+                raise RequestError(
+                    f"messages[{i}] has role {msg.role!r}; expected one of {', '.join(_ROLES)} "
+                    "(tool and function messages are not supported)",
+                    param=f"messages[{i}].role",
+                )
             if msg.content is None:
                 raise RequestError(f"messages[{i}] has no content", param=f"messages[{i}].content")
             out.append({"role": role, "content": msg.content})
@@ -155,10 +160,10 @@ class ChatCompletionRequest(BaseModel):
             raise RequestError(
                 f"messages[{i}] has role {self.messages[i].role!r} but {problem.expected!r} was expected: after an "
                 "optional first system message, roles must alternate user, assistant, user, ...",
-                param=f"messages[{i}].role")
+                param=f"messages[{i}].role",
+            )
         if out[-1]["role"] != "user":
-            raise RequestError("the last message must have role 'user' (the server answers it)",
-                               param="messages")
+            raise RequestError("the last message must have role 'user' (the server answers it)", param="messages")
         return out
 
     def generation(self, default: GenerationConfig) -> GenerationConfig:

@@ -80,24 +80,38 @@ class Server:
     _engine: _Once[Engine] = field(repr=False)
     _app: _Once[FastAPI] = field(repr=False)
 
-    def __init__(self, model: Engine | Loadable, config: ServeConfig | None = None,
-                 generation: GenerationConfig | None = None) -> None:
+    def __init__(
+        self, model: Engine | Loadable, config: ServeConfig | None = None, generation: GenerationConfig | None = None
+    ) -> None:
         if config is not None and not isinstance(config, ServeConfig):
-            raise TypeError(f"config must be a ServeConfig; got {type(config).__name__}. Fix: "
-                            "ServeConfig(api_port=8000) or server.with_config(api_port=8000)")
+            raise TypeError(
+                f"config must be a ServeConfig; got {type(config).__name__}. Fix: "
+                "ServeConfig(api_port=8000) or server.with_config(api_port=8000)"
+            )
         if generation is not None and not isinstance(generation, GenerationConfig):
-            raise TypeError(f"generation must be a GenerationConfig; got {type(generation).__name__}. Fix: "
-                            "GenerationConfig(max_new_tokens=256) or server.with_generation(max_new_tokens=256)")
+            raise TypeError(
+                f"generation must be a GenerationConfig; got {type(generation).__name__}. Fix: "
+                "GenerationConfig(max_new_tokens=256) or server.with_generation(max_new_tokens=256)"
+            )
         if isinstance(model, Loadable) and not isinstance(model, Engine):
             engine = _Once[Engine]()  # loaded on first use
         else:  # an Engine as it is; anything else raises as_engine's TypeError now
             engine = _Once[Engine](as_engine(model, who="Server"))
-        self._fill(model, engine, config if config is not None else ServeConfig(),
-                   generation if generation is not None else DEFAULT_GENERATION)
+        self._fill(
+            model,
+            engine,
+            config if config is not None else ServeConfig(),
+            generation if generation is not None else DEFAULT_GENERATION,
+        )
 
     def _fill(self, source: object, engine: _Once[Engine], config: ServeConfig, generation: GenerationConfig) -> None:
-        for name, value in (("config", config), ("generation", generation), ("_source", source),
-                            ("_engine", engine), ("_app", _Once[Any]())):
+        for name, value in (
+            ("config", config),
+            ("generation", generation),
+            ("_source", source),
+            ("_engine", engine),
+            ("_app", _Once[Any]()),
+        ):
             object.__setattr__(self, name, value)
 
     def _copy(self, config: ServeConfig, generation: GenerationConfig) -> Server:
@@ -148,13 +162,15 @@ class Server:
             name = cfg.served_name(engine)
             if engine.max_concurrency < cfg.max_concurrent:
                 limit = f" (the engine runs at most {engine.max_concurrency})"
-        return "\n".join([
-            repr(self),
-            f"  model id: {name}",
-            f"  auth: {'Bearer key required on /v1' if cfg.api_key else 'open (any key is accepted)'}",
-            f"  concurrency: {cfg.max_concurrent} generating at once{limit}, the rest wait",
-            f"  defaults: {decoding}, max_new_tokens={gen.max_new_tokens}",
-        ])
+        return "\n".join(
+            [
+                repr(self),
+                f"  model id: {name}",
+                f"  auth: {'Bearer key required on /v1' if cfg.api_key else 'open (any key is accepted)'}",
+                f"  concurrency: {cfg.max_concurrent} generating at once{limit}, the rest wait",
+                f"  defaults: {decoding}, max_new_tokens={gen.max_new_tokens}",
+            ]
+        )
 
     # ------------------------------------------------------------------ running
     def run(self, *, log_level: LogLevel = "info") -> None:
@@ -164,8 +180,10 @@ class Server:
         app, name = self.app, self.model_name
         sock = _bind(self.config.api_host, self.config.api_port)
         url = _client_url(self.config.api_host, sock.getsockname()[1])
-        log_config = {**logging_config, "loggers": {**logging_config["loggers"],
-                                                    "finetune_kit": {"handlers": ["default"], "level": "INFO"}}}
+        log_config = {
+            **logging_config,
+            "loggers": {**logging_config["loggers"], "finetune_kit": {"handlers": ["default"], "level": "INFO"}},
+        }
         print(f"Serving {name!r} with an OpenAI-compatible API at {url}/v1")
         print(_curl_example(url, name, bool(self.config.api_key)))
         config = uvicorn.Config(app, log_level=log_level, log_config=log_config)
@@ -184,8 +202,12 @@ class Server:
         sock = _bind(self.config.api_host, self.config.api_port)
         config = uvicorn.Config(app, log_level=log_level, log_config=None, timeout_graceful_shutdown=3)
         server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                  name=f"finetune_kit-server-{sock.getsockname()[1]}")
+        thread = threading.Thread(
+            target=server.run,
+            kwargs={"sockets": [sock]},
+            daemon=True,
+            name=f"finetune_kit-server-{sock.getsockname()[1]}",
+        )
         thread.start()
         handle = ServerHandle(server, thread, sock, self.model_name)
         deadline = time.monotonic() + timeout
@@ -200,12 +222,10 @@ class Server:
         return handle
 
 
-
 class ServerHandle:
     """A server running in a background thread; ``stop()`` (or leaving ``with``) shuts it down."""
 
-    def __init__(self, server: uvicorn.Server, thread: threading.Thread, sock: socket.socket,
-                 model_name: str) -> None:
+    def __init__(self, server: uvicorn.Server, thread: threading.Thread, sock: socket.socket, model_name: str) -> None:
         self._server, self._thread, self._sock = server, thread, sock
         bound = sock.getsockname()
         self.host: str = _client_host(bound[0])
@@ -283,5 +303,4 @@ def _accepts(host: str, port: int) -> bool:
 def _curl_example(url: str, name: str, auth: bool) -> str:
     key = ' -H "Authorization: Bearer $API_KEY"' if auth else ""
     body = f'{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
-    return (f"Try it:\n  curl {url}/v1/chat/completions -H \"Content-Type: application/json\"{key} \\\n"
-            f"    -d '{body}'")
+    return f"Try it:\n  curl {url}/v1/chat/completions -H \"Content-Type: application/json\"{key} \\\n    -d '{body}'"

@@ -18,8 +18,10 @@ class LoraConfig(StageConfig):
     lora_rank: int = option(8, "LoRA rank r.")
     lora_alpha: int | None = option(None, "LoRA alpha; default 2 x lora_rank (LLaMA-Factory's default).")
     lora_dropout: float = option(0.0, "Dropout on the LoRA path.")
-    lora_target: tuple[str, ...] = option(("all",), "'all' = every linear layer but the output head, or module "
-                                                    "names (q_proj,v_proj,...), comma separated.")
+    lora_target: tuple[str, ...] = option(
+        ("all",),
+        "'all' = every linear layer but the output head, or module names (q_proj,v_proj,...), comma separated.",
+    )
     additional_target: tuple[str, ...] | None = option(None, "Modules trained in full and saved with the adapter.")
     use_rslora: bool = option(False, "Rank-stabilized LoRA scaling (alpha / sqrt(r)).")
 
@@ -55,8 +57,9 @@ class TrainingConfig(StageConfig):
     per_device_train_batch_size: int = option(8, "Examples per device per micro-batch.")
     per_device_eval_batch_size: int = option(8, "Examples per device per evaluation batch.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
-    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                               "constant_with_warmup", "inverse_sqrt"] = option("linear", "Learning-rate schedule.")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = option("linear", "Learning-rate schedule.")
     warmup_steps: int = option(0, "Linear warm-up steps.")
     warmup_ratio: float = option(0.0, "Warm-up as a share of all steps (used when warmup_steps is 0).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
@@ -78,8 +81,13 @@ class TrainingConfig(StageConfig):
 
     def _check(self) -> list[str]:
         problems = []
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "save_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: got {getattr(self, name)}; expected a positive integer")
         if self.learning_rate <= 0:

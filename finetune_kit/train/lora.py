@@ -30,8 +30,10 @@ def resolve_targets(model: Any, lora: LoraConfig) -> list[str]:
         return available
     missing = [t for t in lora.lora_target if t not in available]
     if missing:
-        raise ConfigError(f"lora_target names {missing} match no linear layer of this model. Available: "
-                          f"{', '.join(available)} (or 'all')")
+        raise ConfigError(
+            f"lora_target names {missing} match no linear layer of this model. Available: "
+            f"{', '.join(available)} (or 'all')"
+        )
     return list(lora.lora_target)
 
 
@@ -39,12 +41,14 @@ def count_lora_params(model: Any, targets: list[str], rank: int) -> int:
     """Parameters LoRA adds: ``r * (in + out)`` for each targeted linear layer."""
     import torch
 
-    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets and "lora_" not in name)
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets and "lora_" not in name
+    )
 
 
-def attach_lora(model: Any, lora: LoraConfig, targets: list[str], *, seed: int,
-                gradient_checkpointing: bool) -> Any:
+def attach_lora(model: Any, lora: LoraConfig, targets: list[str], *, seed: int, gradient_checkpointing: bool) -> Any:
     """Wrap ``model`` with fresh LoRA layers, or make its (already loaded) adapter trainable.
 
     ``model`` must be the trainer's own: peft injects layers into it. Trainable weights are kept
@@ -61,9 +65,14 @@ def attach_lora(model: Any, lora: LoraConfig, targets: list[str], *, seed: int,
         peft_model = model
     else:
         cfg = peft.LoraConfig(
-            task_type="CAUSAL_LM", r=lora.lora_rank, lora_alpha=lora.alpha, lora_dropout=lora.lora_dropout,
-            target_modules=targets, use_rslora=lora.use_rslora,
-            modules_to_save=list(lora.additional_target) if lora.additional_target else None)
+            task_type="CAUSAL_LM",
+            r=lora.lora_rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=targets,
+            use_rslora=lora.use_rslora,
+            modules_to_save=list(lora.additional_target) if lora.additional_target else None,
+        )
         peft_model = peft.get_peft_model(model, cfg)
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

@@ -71,8 +71,9 @@ class TrainResult:
         saved = dict(record.get("config", {}).get("model", {}))
         adapters = record.get("adapters") or []
         saved["adapter_name_or_path"] = tuple(adapters[:-1]) or None
-        base = ModelSource.from_config(known_fields(ModelConfig, saved, where=str(out / RUN_RECORD),
-                                                    drop=("hf_hub_token",)))
+        base = ModelSource.from_config(
+            known_fields(ModelConfig, saved, where=str(out / RUN_RECORD), drop=("hf_hub_token",))
+        )
         state = out / TRAINER_STATE
         history = tuple(json.loads(state.read_text()).get("log_history", [])) if state.is_file() else ()
         metrics_file = out / TRAIN_RESULTS

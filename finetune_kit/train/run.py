@@ -40,16 +40,34 @@ def training_arguments(t: TrainingConfig, *, has_eval: bool) -> Any:
     if has_eval:
         eval_kwargs = {"eval_strategy": "steps" if t.eval_steps else "epoch", "eval_steps": t.eval_steps}
     return TrainingArguments(
-        output_dir=t.output_dir, learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps, per_device_train_batch_size=t.per_device_train_batch_size,
+        output_dir=t.output_dir,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=warmup, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=t.optim,
-        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, bf16=t.bf16, fp16=t.fp16, seed=t.seed, data_seed=t.seed,
-        report_to=list(t.report_to), dataloader_num_workers=t.dataloader_num_workers, disable_tqdm=t.disable_tqdm,
-        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen=True,
-        **_version_kwargs(t), **eval_kwargs,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=list(t.report_to),
+        dataloader_num_workers=t.dataloader_num_workers,
+        disable_tqdm=t.disable_tqdm,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen=True,
+        **_version_kwargs(t),
+        **eval_kwargs,
     )
 
 
@@ -59,8 +77,10 @@ def _version_kwargs(t: TrainingConfig) -> dict[str, Any]:
 
     names = inspect.signature(TrainingArguments.__init__).parameters
     kwargs: dict[str, Any] = {
-        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing":
-            t.gradient_checkpointing}
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing": t.gradient_checkpointing
+    }
     if t.group_by_length:
         if "train_sampling_strategy" in names:
             kwargs["train_sampling_strategy"] = "group_by_length"
@@ -69,8 +89,18 @@ def _version_kwargs(t: TrainingConfig) -> dict[str, Any]:
     return kwargs
 
 
-def fit(model: Any, args: Any, train_set: TokenizedDataset, eval_set: TokenizedDataset | None, *, tokenizer: Any,
-        out: Path, resume: str | None, record: dict[str, Any], plot: bool) -> Fitted:
+def fit(
+    model: Any,
+    args: Any,
+    train_set: TokenizedDataset,
+    eval_set: TokenizedDataset | None,
+    *,
+    tokenizer: Any,
+    out: Path,
+    resume: str | None,
+    record: dict[str, Any],
+    plot: bool,
+) -> Fitted:
     """Train ``model`` with ``transformers.Trainer``; on the main process write the adapter, tokenizer,
     state, metrics, ``record`` (the provenance) and, if ``plot``, the loss plots to ``out``."""
     from transformers import Trainer
@@ -78,10 +108,15 @@ def fit(model: Any, args: Any, train_set: TokenizedDataset, eval_set: TokenizedD
     from finetune_kit.train.callbacks import JsonlLogCallback  # imports transformers
 
     out.mkdir(parents=True, exist_ok=True)
-    hf = Trainer(model=model, args=args, train_dataset=train_set.dataset,
-                 eval_dataset=eval_set.dataset if eval_set is not None else None,
-                 data_collator=train_set.collator(tokenizer), processing_class=tokenizer,
-                 callbacks=[JsonlLogCallback(out)])
+    hf = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set.dataset,
+        eval_dataset=eval_set.dataset if eval_set is not None else None,
+        data_collator=train_set.collator(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(out)],
+    )
     output = hf.train(resume_from_checkpoint=resume)
     metrics = dict(output.metrics)
     if eval_set is not None:

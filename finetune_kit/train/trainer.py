@@ -52,17 +52,22 @@ class LoraTrainer:
     training: TrainingConfig = TrainingConfig()
     encoding: EncodingConfig = EncodingConfig(cutoff_len=1024)
     _tokenized: dict[int, tuple[Conversations, TokenizedDataset]] = field(
-        default_factory=dict, init=False, repr=False, compare=False)
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (LoadedModel, ModelSource)):
-            raise TypeError(f"LoraTrainer needs a ModelSource or a LoadedModel, got {type(self.model).__name__}. "
-                            "Fix: LoraTrainer(ModelSource.bundled())")
+            raise TypeError(
+                f"LoraTrainer needs a ModelSource or a LoadedModel, got {type(self.model).__name__}. "
+                "Fix: LoraTrainer(ModelSource.bundled())"
+            )
 
     def __repr__(self) -> str:
         t = self.training
-        return (f"LoraTrainer({self.source.display_name}, r={self.lora.lora_rank}, alpha={self.lora.alpha}, "
-                f"lr={t.learning_rate}, output_dir={t.output_dir!r})")
+        return (
+            f"LoraTrainer({self.source.display_name}, r={self.lora.lora_rank}, alpha={self.lora.alpha}, "
+            f"lr={t.learning_rate}, output_dir={t.output_dir!r})"
+        )
 
     @property
     def source(self) -> ModelSource:
@@ -85,8 +90,12 @@ class LoraTrainer:
         """
         selection = sorted(set(changes) & _SELECTION)
         if selection:
-            raise ConfigError([f"with_data({k}=...): '{k}' selects data, which the trainer does not do. Fix: "
-                               + _SELECTION_FIX[k] for k in selection])
+            raise ConfigError(
+                [
+                    f"with_data({k}=...): '{k}' selects data, which the trainer does not do. Fix: " + _SELECTION_FIX[k]
+                    for k in selection
+                ]
+            )
         return replace(self, encoding=self.encoding.with_(**changes))
 
     # ------------------------------------------------------------------ planning
@@ -110,15 +119,22 @@ class LoraTrainer:
             self._check_encoding(data)
             return data
         if not isinstance(data, Conversations):
-            raise TypeError(f"expected Conversations (DatasetRegistry.load(...)) or a TokenizedDataset, got "
-                            f"{type(data).__name__}")
+            raise TypeError(
+                f"expected Conversations (DatasetRegistry.load(...)) or a TokenizedDataset, got {type(data).__name__}"
+            )
         cached = self._tokenized.get(id(data))
         if cached is not None and cached[0] is data:
             return cached[1]
         tokenizer, template = self._tokenizer()
         e = self.encoding
-        done = tokenize(data, tokenizer, template, cutoff_len=e.cutoff_len, train_on_prompt=e.train_on_prompt,
-                        mask_history=e.mask_history)
+        done = tokenize(
+            data,
+            tokenizer,
+            template,
+            cutoff_len=e.cutoff_len,
+            train_on_prompt=e.train_on_prompt,
+            mask_history=e.mask_history,
+        )
         self._tokenized[id(data)] = (data, done)
         return done
 
@@ -149,9 +165,15 @@ class LoraTrainer:
         ]
         if data is not None:
             tok = self.tokenize(data)
-            steps = t.max_steps if t.max_steps > 0 else math.ceil(
-                math.ceil(len(tok) / (t.per_device_train_batch_size * devices)) / t.gradient_accumulation_steps
-                * t.num_train_epochs)
+            steps = (
+                t.max_steps
+                if t.max_steps > 0
+                else math.ceil(
+                    math.ceil(len(tok) / (t.per_device_train_batch_size * devices))
+                    / t.gradient_accumulation_steps
+                    * t.num_train_epochs
+                )
+            )
             lines.insert(6, f"data:             {tok!r}")
             lines.insert(7, f"steps:            {steps}")
         return "\n".join(lines)
@@ -178,26 +200,55 @@ class LoraTrainer:
         held = _Held.take(self.model, self.load_plan())
         try:
             targets = resolve_targets(held.module, self.lora)
-            peft_model = attach_lora(held.module, self.lora, targets, seed=t.seed,
-                                     gradient_checkpointing=t.gradient_checkpointing)
+            peft_model = attach_lora(
+                held.module, self.lora, targets, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing
+            )
             base = held.base_source
             adapters = (*(base.config.adapter_name_or_path or ()), str(out))
             record = provenance(
-                "train", model=base.display_name, adapters=adapters, template=held.template.name,
+                "train",
+                model=base.display_name,
+                adapters=adapters,
+                template=held.template.name,
                 datasets=_names(data),
-                config={"model": base.config.to_saved_dict(),
-                        "encoding": self.encoding.to_dict(), "lora": self.lora.to_dict(), "training": t.to_dict()},
-                resolved={"lora_target": targets, "lora_alpha": self.lora.alpha, "template": held.template.name})
+                config={
+                    "model": base.config.to_saved_dict(),
+                    "encoding": self.encoding.to_dict(),
+                    "lora": self.lora.to_dict(),
+                    "training": t.to_dict(),
+                },
+                resolved={"lora_target": targets, "lora_alpha": self.lora.alpha, "template": held.template.name},
+            )
             saving = held.loaded.tokenizer_with_template()
             saving.padding_side = "right"
-            fitted = fit(peft_model, args, train_set, eval_set, tokenizer=saving, out=out, resume=resume,
-                         record=record, plot=t.plot_loss)
+            fitted = fit(
+                peft_model,
+                args,
+                train_set,
+                eval_set,
+                tokenizer=saving,
+                out=out,
+                resume=resume,
+                record=record,
+                plot=t.plot_loss,
+            )
         finally:
             held.restore()
-        tuned = LoadedModel(source=base.with_config(adapter_name_or_path=adapters), model=peft_model,
-                            tokenizer=held.loaded.tokenizer, template=held.template, adapters=adapters)
-        return TrainResult(output_dir=out, base=base, metrics=fitted.metrics, log_history=fitted.log_history,
-                           plots=fitted.plots, model=tuned)
+        tuned = LoadedModel(
+            source=base.with_config(adapter_name_or_path=adapters),
+            model=peft_model,
+            tokenizer=held.loaded.tokenizer,
+            template=held.template,
+            adapters=adapters,
+        )
+        return TrainResult(
+            output_dir=out,
+            base=base,
+            metrics=fitted.metrics,
+            log_history=fitted.log_history,
+            plots=fitted.plots,
+            model=tuned,
+        )
 
     # ------------------------------------------------------------------ helpers
     def _structure(self) -> Any:
@@ -227,14 +278,15 @@ class LoraTrainer:
     def _check_encoding(self, data: TokenizedDataset) -> None:
         e, template = self.encoding, self._template_name()
         made = (data.cutoff_len, data.train_on_prompt, data.mask_history)
-        if made != (e.cutoff_len, e.train_on_prompt, e.mask_history) or (data.template and template
-                                                                          and data.template != template
-                                                                          and not template.startswith("the ")):
+        if made != (e.cutoff_len, e.train_on_prompt, e.mask_history) or (
+            data.template and template and data.template != template and not template.startswith("the ")
+        ):
             raise ConfigError(
                 f"this TokenizedDataset was encoded with template={data.template}, cutoff_len={data.cutoff_len}, "
                 f"train_on_prompt={data.train_on_prompt}, mask_history={data.mask_history}, but the trainer uses "
                 f"template={template}, cutoff_len={e.cutoff_len}, train_on_prompt={e.train_on_prompt}, "
-                f"mask_history={e.mask_history}. Fix: tokenize with this trainer: trainer.tokenize(conversations)")
+                f"mask_history={e.mask_history}. Fix: tokenize with this trainer: trainer.tokenize(conversations)"
+            )
 
     def _resume_point(self, out: Path) -> str | None:
         t = self.training
@@ -242,22 +294,31 @@ class LoraTrainer:
             if t.resume_from_checkpoint == "latest":
                 last = last_checkpoint(out)
                 if last is None:
-                    raise ConfigError(f"resume_from_checkpoint: latest, but {out} has no checkpoint-* folder to "
-                                      "resume from")
+                    raise ConfigError(
+                        f"resume_from_checkpoint: latest, but {out} has no checkpoint-* folder to resume from"
+                    )
                 return last
             if not Path(t.resume_from_checkpoint).is_dir():
-                raise ConfigError(f"resume_from_checkpoint={t.resume_from_checkpoint!r} is not a folder. Fix: point "
-                                  "it at a checkpoint-* folder inside a previous output_dir")
+                raise ConfigError(
+                    f"resume_from_checkpoint={t.resume_from_checkpoint!r} is not a folder. Fix: point "
+                    "it at a checkpoint-* folder inside a previous output_dir"
+                )
             return t.resume_from_checkpoint
         if not out.exists() or not any(out.iterdir()) or t.overwrite_output_dir:
             return None
         last = last_checkpoint(out)
         if last:
-            warnings.warn(f"Resuming training from {last} (output_dir already has checkpoints). Change output_dir or "
-                          "set overwrite_output_dir: true to start over.", FinetuneKitWarning, stacklevel=3)
+            warnings.warn(
+                f"Resuming training from {last} (output_dir already has checkpoints). Change output_dir or "
+                "set overwrite_output_dir: true to start over.",
+                FinetuneKitWarning,
+                stacklevel=3,
+            )
             return last
-        raise OutputExistsError(f"output_dir {out} already exists and is not empty. Fix: choose a new output_dir, or "
-                                "set overwrite_output_dir: true to write over it")
+        raise OutputExistsError(
+            f"output_dir {out} already exists and is not empty. Fix: choose a new output_dir, or "
+            "set overwrite_output_dir: true to write over it"
+        )
 
 
 _SELECTION_FIX = {
@@ -315,8 +376,10 @@ def _check_optim(name: str) -> None:
 
     known = [o.value for o in OptimizerNames]
     if name not in known:
-        raise ConfigError(f"optim: got {name!r}; expected an optimizer name transformers knows, such as adamw_torch."
-                          f"{did_you_mean(name, known)}")
+        raise ConfigError(
+            f"optim: got {name!r}; expected an optimizer name transformers knows, such as adamw_torch."
+            f"{did_you_mean(name, known)}"
+        )
 
 
 def _world_size() -> int:

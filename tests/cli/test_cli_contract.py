@@ -20,10 +20,14 @@ SHOP = [
 ]
 
 
-
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune_kit.cli.main", *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_kit.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        timeout=900,
+    )
 
 
 def free_port() -> int:
@@ -61,18 +65,35 @@ def test_export_flags_then_plain_transformers_answers(trained_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = trained_run / "merged"
-    proc = cli("export", "--model_name_or_path", "bundled:smollm2-135m-instruct", "--adapter_name_or_path",
-               str(trained_run / "saves" / "shop"), "--template", "chatml", "--finetuning_type", "lora",
-               "--export_dir", str(merged), "--export_size", "1", "--export_device", "cpu",
-               "--export_legacy_format", "false")
+    proc = cli(
+        "export",
+        "--model_name_or_path",
+        "bundled:smollm2-135m-instruct",
+        "--adapter_name_or_path",
+        str(trained_run / "saves" / "shop"),
+        "--template",
+        "chatml",
+        "--finetuning_type",
+        "lora",
+        "--export_dir",
+        str(merged),
+        "--export_size",
+        "1",
+        "--export_device",
+        "cpu",
+        "--export_legacy_format",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     tok = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    ids = tok.apply_chat_template([{"role": "user", "content": "你们包邮吗？"}], add_generation_prompt=True,
-                                  return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "你们包邮吗？"}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids if torch.is_tensor(ids) else ids["input_ids"]
-    answer = tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0][ids.shape[1]:],
-                        skip_special_tokens=True)
+    answer = tok.decode(
+        model.generate(ids, max_new_tokens=40, do_sample=False)[0][ids.shape[1] :], skip_special_tokens=True
+    )
     assert "九十九" in answer, answer
 
 
@@ -82,11 +103,25 @@ def test_api_answers_the_openai_client(trained_run):
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "finetune_kit.cli.main", "api", "--model_name_or_path", "bundled:smollm2-135m-instruct",
-         "--adapter_name_or_path", str(trained_run / "saves" / "shop"), "--template", "chatml",
-         "--finetuning_type", "lora"],
+        [
+            sys.executable,
+            "-m",
+            "finetune_kit.cli.main",
+            "api",
+            "--model_name_or_path",
+            "bundled:smollm2-135m-instruct",
+            "--adapter_name_or_path",
+            str(trained_run / "saves" / "shop"),
+            "--template",
+            "chatml",
+            "--finetuning_type",
+            "lora",
+        ],
         env={**os.environ, "HF_HUB_OFFLINE": "1", "API_PORT": str(port), "API_HOST": "127.0.0.1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         client = OpenAI(api_key="0", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, timeout=120)
         deadline = time.time() + 120
@@ -101,8 +136,9 @@ def test_api_answers_the_openai_client(trained_run):
         msgs = [{"role": "user", "content": "你们包邮吗？"}]
         plain = client.chat.completions.create(messages=msgs, model=model_id, temperature=0, max_tokens=40)
         assert "九十九" in plain.choices[0].message.content
-        stream = client.chat.completions.create(messages=msgs, model=model_id, temperature=0, max_tokens=40,
-                                                stream=True)
+        stream = client.chat.completions.create(
+            messages=msgs, model=model_id, temperature=0, max_tokens=40, stream=True
+        )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text == plain.choices[0].message.content
         tutorial = client.chat.completions.create(messages=[{"role": "user", "content": "hello"}], model="test")
@@ -113,8 +149,15 @@ def test_api_answers_the_openai_client(trained_run):
 
 
 def test_unknown_and_unsupported_keys_are_listed_together(tmp_path):
-    proc = cli("train", "do_train=true", "model_name_or_path=bundled:smollm2-135m-instruct", "lora_rnk=4",
-               "--deepspeed", "z3.json", "learning_rate=fast")
+    proc = cli(
+        "train",
+        "do_train=true",
+        "model_name_or_path=bundled:smollm2-135m-instruct",
+        "lora_rnk=4",
+        "--deepspeed",
+        "z3.json",
+        "learning_rate=fast",
+    )
     assert proc.returncode == 1
     err = proc.stderr
     assert "3 problems" in err and "Traceback" not in err

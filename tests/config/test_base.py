@@ -15,49 +15,55 @@ from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.train.config import LoraConfig, TrainingConfig
 
 
-@pytest.mark.parametrize(("value", "annotation", "expected"), [
-    ("true", bool, True),
-    ("False", bool, False),
-    ("yes", bool, True),
-    ("0", bool, False),
-    (1, bool, True),
-    ("1e-3", float, 1e-3),
-    ("5", float, 5.0),
-    (2, float, 2.0),
-    ("8", int, 8),
-    ("8.0", int, 8),
-    ("1e3", int, 1000),
-    (4.0, int, 4),
-    ("q_proj,v_proj", tuple[str, ...], ("q_proj", "v_proj")),
-    (" q_proj , v_proj ,", tuple[str, ...], ("q_proj", "v_proj")),
-    (["a", "b"], tuple[str, ...], ("a", "b")),
-    ("all", tuple[str, ...], ("all",)),
-    ("null", str | None, None),
-    ("None", int | None, None),
-    ("~", tuple[str, ...] | None, None),
-    (None, float | None, None),
-    ("3", int | None, 3),
-    ("x,y", tuple[str, ...] | None, ("x", "y")),
-    (7, str, "7"),
-    ("Cosine", Literal["linear", "cosine"], "cosine"),
-])
+@pytest.mark.parametrize(
+    ("value", "annotation", "expected"),
+    [
+        ("true", bool, True),
+        ("False", bool, False),
+        ("yes", bool, True),
+        ("0", bool, False),
+        (1, bool, True),
+        ("1e-3", float, 1e-3),
+        ("5", float, 5.0),
+        (2, float, 2.0),
+        ("8", int, 8),
+        ("8.0", int, 8),
+        ("1e3", int, 1000),
+        (4.0, int, 4),
+        ("q_proj,v_proj", tuple[str, ...], ("q_proj", "v_proj")),
+        (" q_proj , v_proj ,", tuple[str, ...], ("q_proj", "v_proj")),
+        (["a", "b"], tuple[str, ...], ("a", "b")),
+        ("all", tuple[str, ...], ("all",)),
+        ("null", str | None, None),
+        ("None", int | None, None),
+        ("~", tuple[str, ...] | None, None),
+        (None, float | None, None),
+        ("3", int | None, 3),
+        ("x,y", tuple[str, ...] | None, ("x", "y")),
+        (7, str, "7"),
+        ("Cosine", Literal["linear", "cosine"], "cosine"),
+    ],
+)
 def test_coerce_converts_by_annotation(value, annotation, expected):
     result = coerce(value, annotation, "key")
     assert result == expected
     assert type(result) is type(expected)
 
 
-@pytest.mark.parametrize(("value", "annotation", "message"), [
-    ("abc", float, "key: got 'abc'; expected a number"),
-    (True, float, "expected a number"),
-    ("2.5", int, "key: got '2.5'; expected an integer"),
-    (True, int, "expected an integer"),
-    ("maybe", bool, "key: got 'maybe'; expected true or false"),
-    (2, bool, "expected true or false"),
-    (3, tuple[str, ...], "expected a comma-separated list"),
-    (["x"], str, "expected a string"),
-    ("abc", int | None, "expected an integer"),
-])
+@pytest.mark.parametrize(
+    ("value", "annotation", "message"),
+    [
+        ("abc", float, "key: got 'abc'; expected a number"),
+        (True, float, "expected a number"),
+        ("2.5", int, "key: got '2.5'; expected an integer"),
+        (True, int, "expected an integer"),
+        ("maybe", bool, "key: got 'maybe'; expected true or false"),
+        (2, bool, "expected true or false"),
+        (3, tuple[str, ...], "expected a comma-separated list"),
+        (["x"], str, "expected a string"),
+        ("abc", int | None, "expected an integer"),
+    ],
+)
 def test_coerce_rejects_with_the_value_and_expectation(value, annotation, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         coerce(value, annotation, "key")
@@ -66,13 +72,20 @@ def test_coerce_rejects_with_the_value_and_expectation(value, annotation, messag
 def test_literal_suggests_the_close_value():
     with pytest.raises(ValueError) as err:
         coerce("cosin", Literal["linear", "cosine"], "lr_scheduler_type")
-    assert str(err.value) == ("lr_scheduler_type: got 'cosin'; expected one of 'linear', 'cosine'. "
-                              "Did you mean 'cosine'?")
+    assert str(err.value) == (
+        "lr_scheduler_type: got 'cosin'; expected one of 'linear', 'cosine'. Did you mean 'cosine'?"
+    )
 
 
 def test_config_coerces_cli_strings_on_construction():
-    cfg = TrainingConfig(learning_rate="1e-3", per_device_train_batch_size="8", bf16="false",
-                         report_to="none", resume_from_checkpoint="null", lr_scheduler_type="COSINE")
+    cfg = TrainingConfig(
+        learning_rate="1e-3",
+        per_device_train_batch_size="8",
+        bf16="false",
+        report_to="none",
+        resume_from_checkpoint="null",
+        lr_scheduler_type="COSINE",
+    )
     assert cfg.learning_rate == 1e-3 and isinstance(cfg.learning_rate, float)
     assert cfg.per_device_train_batch_size == 8 and isinstance(cfg.per_device_train_batch_size, int)
     assert cfg.bf16 is False
@@ -124,8 +137,10 @@ def test_with_returns_a_validated_copy():
 def test_with_unknown_key_suggests_the_field():
     with pytest.raises(ConfigError) as err:
         LoraConfig().with_(lora_rnak=4, bogus=1)
-    assert err.value.problems == ["unknown key 'bogus' for LoraConfig.",
-                                  "unknown key 'lora_rnak' for LoraConfig. Did you mean 'lora_rank'?"]
+    assert err.value.problems == [
+        "unknown key 'bogus' for LoraConfig.",
+        "unknown key 'lora_rnak' for LoraConfig. Did you mean 'lora_rank'?",
+    ]
 
 
 def test_to_dict_and_help():

@@ -19,7 +19,6 @@ from finetune_kit.train.config import LoraConfig, TrainingConfig
 BASE_SECTIONS = [RunConfig, ModelConfig, DataConfig, EncodingConfig, LoraConfig, TrainingConfig, GenerationConfig]
 
 
-
 def predict_config():
     from finetune_kit.evaluate.config import PredictConfig
 
@@ -35,11 +34,28 @@ def lf_yaml_file(tmp_path: Path, lf_yaml) -> Path:
 
 # ---------------------------------------------------------------------------------------------- split_argv
 def test_split_argv_all_override_styles():
-    files, overrides = split_argv(["train.yaml", "learning_rate=1e-4", "--lora_rank", "16", "--cutoff_len=512",
-                                   "--do_eval", "--lora-alpha", "32", "--plot_loss"])
+    files, overrides = split_argv(
+        [
+            "train.yaml",
+            "learning_rate=1e-4",
+            "--lora_rank",
+            "16",
+            "--cutoff_len=512",
+            "--do_eval",
+            "--lora-alpha",
+            "32",
+            "--plot_loss",
+        ]
+    )
     assert files == ["train.yaml"]
-    assert overrides == {"learning_rate": "1e-4", "lora_rank": "16", "cutoff_len": "512", "do_eval": "true",
-                         "lora_alpha": "32", "plot_loss": "true"}
+    assert overrides == {
+        "learning_rate": "1e-4",
+        "lora_rank": "16",
+        "cutoff_len": "512",
+        "do_eval": "true",
+        "lora_alpha": "32",
+        "plot_loss": "true",
+    }
 
 
 def test_split_argv_values_may_contain_equals_and_negative_numbers():
@@ -144,8 +160,10 @@ def test_lf_yaml_builds_the_train_commands_sections(lf_yaml_file, tmp_path):
 
 
 def test_overrides_beat_the_yaml(lf_yaml_file):
-    cfg = build(collect([str(lf_yaml_file), "lora_rank=16", "--learning_rate", "2e-4", "val_size=0.1", "--do_eval"]),
-                BASE_SECTIONS)
+    cfg = build(
+        collect([str(lf_yaml_file), "lora_rank=16", "--learning_rate", "2e-4", "val_size=0.1", "--do_eval"]),
+        BASE_SECTIONS,
+    )
     assert cfg[LoraConfig].lora_rank == 16
     assert cfg[TrainingConfig].learning_rate == 2e-4
     assert cfg[RunConfig].do_eval is True
@@ -197,8 +215,16 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_reports_every_problem_without_a_traceback():
     predict_config()
-    out = cli("train", "do_train=true", "--bogus", "1", "--deepspeed", "x.json", "learning_rate=abc",
-              "model_name_or_path=bundled:smollm2-135m-instruct")
+    out = cli(
+        "train",
+        "do_train=true",
+        "--bogus",
+        "1",
+        "--deepspeed",
+        "x.json",
+        "learning_rate=abc",
+        "model_name_or_path=bundled:smollm2-135m-instruct",
+    )
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr
     assert out.stderr.startswith("finetune-kit train: error: Invalid configuration (3 problems):")

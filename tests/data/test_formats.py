@@ -41,9 +41,14 @@ def row_error(tmp_path: Path, rows, **kwargs) -> DatasetRowError:
 
 # ---------------------------------------------------------------------------------------------- alpaca
 def test_alpaca_instruction_and_input_are_joined_by_a_newline(tmp_path):
-    conv = load(tmp_path, [{"instruction": "Translate to English", "input": "bonjour", "output": "hello"},
-                           {"instruction": "Say hi", "input": "", "output": "hi"},
-                           {"instruction": "", "input": "only input", "output": "ok"}])
+    conv = load(
+        tmp_path,
+        [
+            {"instruction": "Translate to English", "input": "bonjour", "output": "hello"},
+            {"instruction": "Say hi", "input": "", "output": "hi"},
+            {"instruction": "", "input": "only input", "output": "ok"},
+        ],
+    )
     assert [ex.messages for ex in conv.examples] == [
         ({"role": "user", "content": "Translate to English\nbonjour"}, {"role": "assistant", "content": "hello"}),
         ({"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}),
@@ -54,8 +59,7 @@ def test_alpaca_instruction_and_input_are_joined_by_a_newline(tmp_path):
 
 
 def test_alpaca_system_column(tmp_path):
-    conv = load(tmp_path, [{**GOOD, "system": "You are terse."}, {**GOOD, "system": ""}],
-                columns={"system": "system"})
+    conv = load(tmp_path, [{**GOOD, "system": "You are terse."}, {**GOOD, "system": ""}], columns={"system": "system"})
     assert conv[0].messages[0] == {"role": "system", "content": "You are terse."}
     assert [m["role"] for m in conv[1].messages] == ["user", "assistant"]  # empty system: none
 
@@ -66,13 +70,15 @@ def test_alpaca_system_is_ignored_unless_mapped(tmp_path):
 
 
 def test_alpaca_history_pairs_become_earlier_turns(tmp_path):
-    row = {"instruction": "And 3+3?", "input": "", "output": "6",
-           "history": [["1+1?", "2"], ["2+2?", "4"]]}
+    row = {"instruction": "And 3+3?", "input": "", "output": "6", "history": [["1+1?", "2"], ["2+2?", "4"]]}
     conv = load(tmp_path, [row], columns={"history": "history"})
     assert conv[0].messages == (
-        {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
-        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"},
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6"},
     )
 
 
@@ -164,22 +170,35 @@ def turn(role: str, text: str) -> dict[str, str]:
 
 
 def test_sharegpt_multi_turn_with_system(tmp_path):
-    row = {"conversations": [turn("system", "Be brief."), turn("human", "Hi"), turn("gpt", "Hello"),
-                             turn("human", "Bye"), turn("gpt", "Goodbye")]}
+    row = {
+        "conversations": [
+            turn("system", "Be brief."),
+            turn("human", "Hi"),
+            turn("gpt", "Hello"),
+            turn("human", "Bye"),
+            turn("gpt", "Goodbye"),
+        ]
+    }
     conv = load(tmp_path, [row], formatting="sharegpt")
     assert conv[0].messages == (
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
     )
     assert conv[0].label == "Goodbye"
     assert conv[0].prompt_messages[-1] == {"role": "user", "content": "Bye"}
 
 
 def test_sharegpt_system_message_overrides_the_system_column(tmp_path):
-    rows = [{"system": "column system", "conversations": [turn("system", "message system"), turn("human", "a"),
-                                                          turn("gpt", "b")]},
-            {"system": "column system", "conversations": [turn("human", "a"), turn("gpt", "b")]}]
+    rows = [
+        {
+            "system": "column system",
+            "conversations": [turn("system", "message system"), turn("human", "a"), turn("gpt", "b")],
+        },
+        {"system": "column system", "conversations": [turn("human", "a"), turn("gpt", "b")]},
+    ]
     conv = load(tmp_path, rows, formatting="sharegpt", columns={"system": "system"})
     assert conv[0].messages[0] == {"role": "system", "content": "message system"}
     assert conv[1].messages[0] == {"role": "system", "content": "column system"}
@@ -197,9 +216,11 @@ def test_sharegpt_bad_alternation(tmp_path):
 def test_sharegpt_bad_alternation_counts_turns_after_the_system(tmp_path):
     bad = {"conversations": [turn("system", "s"), turn("human", "a"), turn("gpt", "b"), turn("gpt", "c")]}
     exc = row_error(tmp_path, [bad], formatting="sharegpt")
-    assert str(exc) == (f"{exc.file}, row 0, field 'conversations': turn 2 is from the assistant but the user was "
-                        "expected (turns must alternate user, assistant, ...). Fix: fix the order of the messages or "
-                        "remove the row")
+    assert str(exc) == (
+        f"{exc.file}, row 0, field 'conversations': turn 2 is from the assistant but the user was "
+        "expected (turns must alternate user, assistant, ...). Fix: fix the order of the messages or "
+        "remove the row"
+    )
 
 
 def test_sharegpt_ending_with_the_human(tmp_path):
@@ -218,8 +239,9 @@ def test_sharegpt_unknown_role_tag(tmp_path):
 
 
 def test_sharegpt_tool_messages_are_refused_not_skipped(tmp_path):
-    bad = {"conversations": [turn("human", "a"), turn("function_call", "{}"), turn("observation", "x"),
-                             turn("gpt", "b")]}
+    bad = {
+        "conversations": [turn("human", "a"), turn("function_call", "{}"), turn("observation", "x"), turn("gpt", "b")]
+    }
     exc = row_error(tmp_path, [bad], formatting="sharegpt")
     assert exc.field == "conversations[1].from"
     assert "not supported" in str(exc)
@@ -228,8 +250,9 @@ def test_sharegpt_tool_messages_are_refused_not_skipped(tmp_path):
 def test_sharegpt_missing_column_and_bad_content(tmp_path):
     exc = row_error(tmp_path, [{"messages": []}], formatting="sharegpt")
     assert exc.field == "conversations"
-    exc = row_error(tmp_path, [{"conversations": [turn("human", "a"), {"from": "gpt", "value": 3}]}],
-                    formatting="sharegpt")
+    exc = row_error(
+        tmp_path, [{"conversations": [turn("human", "a"), {"from": "gpt", "value": 3}]}], formatting="sharegpt"
+    )
     assert exc.field == "conversations[1].value"
 
 

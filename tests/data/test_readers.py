@@ -38,8 +38,10 @@ def test_read_dataset_converts_every_row_and_names_its_source(rows_dir):
     assert all(isinstance(ex, Example) for ex in examples)
     assert labels(examples) == [f"answer {i}" for i in range(6)]
     assert examples[2].source == f"{rows_dir / 'rows.json'}, row 2"
-    assert examples[2].messages == ({"role": "user", "content": "question 2"},
-                                    {"role": "assistant", "content": "answer 2"})
+    assert examples[2].messages == (
+        {"role": "user", "content": "question 2"},
+        {"role": "assistant", "content": "answer 2"},
+    )
 
 
 def test_read_dataset_max_samples_keeps_the_first_rows(rows_dir):
@@ -103,8 +105,10 @@ def test_read_dataset_hub_failure_names_the_fix(monkeypatch, tmp_path):
     hub = DatasetSpec.from_info("h", {"hf_hub_url": "org/rows"})
     with pytest.raises(DatasetError) as err:
         read_dataset(hub, tmp_path, None)
-    assert str(err.value) == ("dataset 'h': cannot load 'org/rows' from the hub (ConnectionError: offline). "
-                              "Fix: download the files and point file_name at them")
+    assert str(err.value) == (
+        "dataset 'h': cannot load 'org/rows' from the hub (ConnectionError: offline). "
+        "Fix: download the files and point file_name at them"
+    )
     assert isinstance(err.value.__cause__, ConnectionError)
 
 
@@ -116,8 +120,7 @@ def test_check_dataset_returns_every_bad_row(tmp_path):
     count, problems = check_dataset(spec, tmp_path)
     assert count == 6
     assert len(problems) == 3
-    assert [p.split(", field")[0] for p in problems] == [
-        f"{tmp_path / 'rows.json'}, row {i}" for i in (1, 3, 4)]
+    assert [p.split(", field")[0] for p in problems] == [f"{tmp_path / 'rows.json'}, row {i}" for i in (1, 3, 4)]
 
 
 def test_check_dataset_on_clean_data_finds_nothing():

@@ -49,9 +49,19 @@ def files_dir(tmp_path: Path) -> Path:
     ds = datasets.Dataset.from_list(ROWS)
     ds.to_csv(str(tmp_path / "rows.csv"), index=False)
     ds.to_parquet(str(tmp_path / "rows.parquet"))
-    write_info(tmp_path, {name: {"file_name": f} for name, f in [
-        ("as_json", "rows.json"), ("as_jsonl", "rows.jsonl"), ("as_folder", "parts"), ("as_csv", "rows.csv"),
-        ("as_parquet", "rows.parquet")]})
+    write_info(
+        tmp_path,
+        {
+            name: {"file_name": f}
+            for name, f in [
+                ("as_json", "rows.json"),
+                ("as_jsonl", "rows.jsonl"),
+                ("as_folder", "parts"),
+                ("as_csv", "rows.csv"),
+                ("as_parquet", "rows.parquet"),
+            ]
+        },
+    )
     return tmp_path
 
 
@@ -85,24 +95,41 @@ def test_missing_file_says_file_name_is_relative_to_dataset_dir(tmp_path):
 
 
 def test_columns_and_tags_remap_alpaca_and_openai_style_sharegpt(tmp_path):
-    alpaca = [{"q": "Translate", "ctx": "bonjour", "a": "hello", "sys": "You translate.",
-               "hist": [["hi", "hey"]]}]
-    openai_style = [{"messages": [
-        {"role": "system", "content": "Be kind."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Goodbye!"},
-    ]}]
+    alpaca = [{"q": "Translate", "ctx": "bonjour", "a": "hello", "sys": "You translate.", "hist": [["hi", "hey"]]}]
+    openai_style = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye!"},
+            ]
+        }
+    ]
     (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
     write_jsonl(tmp_path / "chat.jsonl", openai_style)
-    write_info(tmp_path, {
-        "remapped": {"file_name": "alpaca.json",
-                     "columns": {"prompt": "q", "query": "ctx", "response": "a", "system": "sys", "history": "hist"}},
-        "openai": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
-                   "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                            "assistant_tag": "assistant", "system_tag": "system"}},
-    })
+    write_info(
+        tmp_path,
+        {
+            "remapped": {
+                "file_name": "alpaca.json",
+                "columns": {"prompt": "q", "query": "ctx", "response": "a", "system": "sys", "history": "hist"},
+            },
+            "openai": {
+                "file_name": "chat.jsonl",
+                "formatting": "sharegpt",
+                "columns": {"messages": "messages"},
+                "tags": {
+                    "role_tag": "role",
+                    "content_tag": "content",
+                    "user_tag": "user",
+                    "assistant_tag": "assistant",
+                    "system_tag": "system",
+                },
+            },
+        },
+    )
     registry = DatasetRegistry.from_dir(tmp_path)
     assert registry.names == ["remapped", "openai"]
     assert registry.load("remapped")[0].messages == (
@@ -125,8 +152,10 @@ def test_several_names_concatenate_and_max_samples_truncates_each(files_dir):
 
 def test_num_samples_samples_and_oversamples(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps(ROWS))
-    write_info(tmp_path, {"fewer": {"file_name": "rows.json", "num_samples": 3},
-                          "more": {"file_name": "rows.json", "num_samples": 9}})
+    write_info(
+        tmp_path,
+        {"fewer": {"file_name": "rows.json", "num_samples": 3}, "more": {"file_name": "rows.json", "num_samples": 9}},
+    )
     registry = DatasetRegistry.from_dir(tmp_path)
     fewer = [key(ex) for ex in registry.load("fewer").examples]
     assert len(fewer) == 3 and len(set(fewer)) == 3
@@ -187,14 +216,17 @@ def test_register_relative_file_name_and_validation(tmp_path):
 
 
 def test_dataset_info_problems_are_reported_together(tmp_path):
-    write_info(tmp_path, {
-        "good": {"file_name": "a.json"},
-        "typo": {"file_name": "a.json", "colums": {"prompt": "q"}},
-        "fmt": {"file_name": "a.json", "formatting": "xml"},
-        "ranked": {"file_name": "a.json", "ranking": True},
-        "nowhere": {"formatting": "alpaca"},
-        "badcols": {"file_name": "a.json", "columns": {"promt": "q"}, "tags": {"roletag": "r"}},
-    })
+    write_info(
+        tmp_path,
+        {
+            "good": {"file_name": "a.json"},
+            "typo": {"file_name": "a.json", "colums": {"prompt": "q"}},
+            "fmt": {"file_name": "a.json", "formatting": "xml"},
+            "ranked": {"file_name": "a.json", "ranking": True},
+            "nowhere": {"formatting": "alpaca"},
+            "badcols": {"file_name": "a.json", "columns": {"promt": "q"}, "tags": {"roletag": "r"}},
+        },
+    )
     with pytest.raises(ConfigError) as err:
         DatasetRegistry.from_dir(tmp_path)
     problems = err.value.problems
@@ -217,13 +249,20 @@ def test_check_counts_rows_and_lists_every_bad_one(tmp_path):
     rows = [ROWS[0], {"instruction": "q"}, ROWS[1], {"instruction": "q", "output": 1}]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     (tmp_path / "clean.json").write_text(json.dumps(ROWS))
-    write_info(tmp_path, {"rows": {"file_name": "rows.json", "num_samples": 2}, "clean": {"file_name": "clean.json"},
-                          "hub": {"hf_hub_url": "org/rows"}})
+    write_info(
+        tmp_path,
+        {
+            "rows": {"file_name": "rows.json", "num_samples": 2},
+            "clean": {"file_name": "clean.json"},
+            "hub": {"hf_hub_url": "org/rows"},
+        },
+    )
     registry = DatasetRegistry.from_dir(tmp_path)
     count, problems = registry.check("rows")
     assert count == 4
     assert [p.split(": ")[0] for p in problems] == [
-        f"{tmp_path / 'rows.json'}, row {i}, field 'output'" for i in (1, 3)]
+        f"{tmp_path / 'rows.json'}, row {i}, field 'output'" for i in (1, 3)
+    ]
     assert registry.check("clean") == (6, [])
     assert registry.check("hub") == (0, [])  # hub rows are checked when loaded
     with pytest.raises(DatasetError, match="Did you mean 'clean'"):

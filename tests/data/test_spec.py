@@ -23,9 +23,20 @@ def problems(entry, name: str = "d") -> list[str]:
 
 
 def test_a_valid_entry_keeps_what_it_reads():
-    spec = DatasetSpec.from_info("d", {"file_name": "d.json", "formatting": "sharegpt", "columns": {"messages": "m"},
-                                       "tags": {"role_tag": "role"}, "split": "test", "subset": "zh",
-                                       "folder": "v1", "num_samples": 3, "file_sha1": "ignored"})
+    spec = DatasetSpec.from_info(
+        "d",
+        {
+            "file_name": "d.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "m"},
+            "tags": {"role_tag": "role"},
+            "split": "test",
+            "subset": "zh",
+            "folder": "v1",
+            "num_samples": 3,
+            "file_sha1": "ignored",
+        },
+    )
     assert (spec.name, spec.file_name, spec.formatting) == ("d", "d.json", "sharegpt")
     assert (spec.split, spec.subset, spec.folder, spec.num_samples) == ("test", "zh", "v1", 3)
     assert dict(spec.columns) == {"messages": "m"} and dict(spec.tags) == {"role_tag": "role"}
@@ -46,8 +57,16 @@ def test_columns_and_tags_override_the_defaults():
 
 
 def test_every_problem_of_one_entry_is_reported_together():
-    found = problems({"script_url": "x.py", "formatting": "xml", "ranking": True, "colums": {},
-                      "columns": {"promt": "q", "images": "img"}, "tags": {"roletag": "r"}})
+    found = problems(
+        {
+            "script_url": "x.py",
+            "formatting": "xml",
+            "ranking": True,
+            "colums": {},
+            "columns": {"promt": "q", "images": "img"},
+            "tags": {"roletag": "r"},
+        }
+    )
     assert found == [
         "'d': unknown key 'colums'. Did you mean 'columns'?",
         "'d': 'script_url' datasets are not supported yet; download the file and use file_name",
@@ -62,8 +81,9 @@ def test_every_problem_of_one_entry_is_reported_together():
 def test_the_error_names_where_the_entry_came_from():
     with pytest.raises(ConfigError) as err:
         DatasetSpec.from_info("d", {"formatting": "alpaca"}, "data/dataset_info.json")
-    assert str(err.value) == ("Invalid data/dataset_info.json: 'd': no file_name (or hf_hub_url / ms_hub_url) says "
-                              "where its rows are")
+    assert str(err.value) == (
+        "Invalid data/dataset_info.json: 'd': no file_name (or hf_hub_url / ms_hub_url) says where its rows are"
+    )
 
 
 def test_an_entry_that_is_not_an_object():
@@ -80,11 +100,14 @@ def test_formatting_names_come_from_the_format_registry():
 
 def test_unknown_formatting_lists_the_registered_names():
     assert problems({"file_name": "d.json", "formatting": "xml"}) == [
-        "'d': formatting 'xml' is not supported; use alpaca or sharegpt"]
+        "'d': formatting 'xml' is not supported; use alpaca or sharegpt"
+    ]
     assert problems({"file_name": "d.json", "formatting": "openai"}) == [
-        "'d': formatting 'openai' is not supported (the openai format is planned); use alpaca or sharegpt"]
+        "'d': formatting 'openai' is not supported (the openai format is planned); use alpaca or sharegpt"
+    ]
     assert problems({"file_name": "d.json", "formatting": ["alpaca"]}) == [
-        "'d': formatting ['alpaca'] is not supported; use alpaca or sharegpt"]
+        "'d': formatting ['alpaca'] is not supported; use alpaca or sharegpt"
+    ]
 
 
 def test_a_format_registered_in_one_place_is_accepted_and_read(monkeypatch, tmp_path: Path):
@@ -96,8 +119,10 @@ def test_a_format_registered_in_one_place_is_accepted_and_read(monkeypatch, tmp_
     (tmp_path / "d.json").write_text(json.dumps([{"q": "hi", "a": "hello"}]))
     registry = DatasetRegistry(dataset_dir=tmp_path).register("d", "d.json", formatting="qa")
     assert registry.spec("d").formatting == "qa"
-    assert registry.load("d")[0].messages == ({"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": "hello"})
+    assert registry.load("d")[0].messages == (
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -112,17 +137,26 @@ def test_ranking_and_ms_hub_url_are_checked_but_not_kept():
 
 def test_ms_hub_url_alone_is_not_supported_yet():
     assert problems({"ms_hub_url": "org/d"}) == [
-        "'d': 'ms_hub_url' datasets are not supported yet; download the file and use file_name"]
+        "'d': 'ms_hub_url' datasets are not supported yet; download the file and use file_name"
+    ]
 
 
 @pytest.mark.parametrize("key", ["om_hub_url", "script_url", "cloud_file_name"])
 def test_other_sources_are_not_supported_yet(key):
     assert problems({key: "x", "file_name": "d.json"}) == [
-        f"'d': '{key}' datasets are not supported yet; download the file and use file_name"]
+        f"'d': '{key}' datasets are not supported yet; download the file and use file_name"
+    ]
 
 
-@pytest.mark.parametrize("first", ["finetune_kit.data.spec", "finetune_kit.data.formats.sharegpt",
-                                   "finetune_kit.data.readers", "finetune_kit.data.registry"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        "finetune_kit.data.spec",
+        "finetune_kit.data.formats.sharegpt",
+        "finetune_kit.data.readers",
+        "finetune_kit.data.registry",
+    ],
+)
 def test_data_modules_import_in_any_order(first):
     """spec.py imports the format registry; the formats name DatasetSpec for types only, so no order breaks."""
     code = f"import {first}; import finetune_kit.data.registry"

@@ -14,13 +14,22 @@ SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging F
 
 ONE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 SYSTEM = [{"role": "system", "content": "Be brief."}, *ONE]
-MULTI = [{"role": "system", "content": "Be brief."},
-         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-         {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+MULTI = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
 QUESTION = [{"role": "user", "content": "Quote 'this' and \"that\" {{ not jinja }}\nnewline"}]
-CONVERSATIONS = {"one": ONE, "system": SYSTEM, "multi": MULTI, "question": QUESTION,
-                 "question_system": [{"role": "system", "content": "S"}, *QUESTION],
-                 "multi_question": [*MULTI, {"role": "user", "content": "And 3+3?"}]}
+CONVERSATIONS = {
+    "one": ONE,
+    "system": SYSTEM,
+    "multi": MULTI,
+    "question": QUESTION,
+    "question_system": [{"role": "system", "content": "S"}, *QUESTION],
+    "multi_question": [*MULTI, {"role": "user", "content": "And 3+3?"}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +60,25 @@ def test_chatml_segments():
         ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False),
         ("4<|im_end|>\n", True),
     ]
-    assert t.segments(ONE) == [("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
-                               ("Hello!<|im_end|>\n", True)]
+    assert t.segments(ONE) == [
+        ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello!<|im_end|>\n", True),
+    ]
     assert t.stop_words == ("<|im_end|>", "<|im_start|>")
 
 
 def test_qwen_segments_add_the_default_system():
     t = get_template("qwen")
     assert t.segments(ONE) == [
-        (f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
-         False),
+        (
+            f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+            False,
+        ),
         ("Hello!<|im_end|>\n", True),
     ]
     assert t.segments(SYSTEM)[0][0] == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_default_system_override():
@@ -83,12 +97,17 @@ def test_llama3_segments_with_bos_and_header_ids():
     t = get_template("llama3")
     fake_tok = SimpleNamespace(bos_token="<|begin_of_text|>")
     assert t.segments(MULTI, fake_tok) == [
-        ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-         "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-         False),
+        (
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+            False,
+        ),
         ("Hello!<|eot_id|>", True),
-        ("<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
-         "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+        (
+            "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            False,
+        ),
         ("4<|eot_id|>", True),
     ]
     assert t.stop_words == ("<|eot_id|>", "<|eom_id|>")
@@ -123,9 +142,9 @@ def test_jinja_generation_prompt_after_a_full_conversation(tok, render, name):
 
 
 def test_jinja_keeps_an_overridden_default_system_with_quotes(tok, render):
-    t = get_template("chatml", default_system="It's \"quoted\"\nand multi-line")
+    t = get_template("chatml", default_system='It\'s "quoted"\nand multi-line')
     rendered = render(t.jinja(), QUESTION, gen=True)
-    assert rendered.startswith("<|im_start|>system\nIt's \"quoted\"\nand multi-line<|im_end|>\n")
+    assert rendered.startswith('<|im_start|>system\nIt\'s "quoted"\nand multi-line<|im_end|>\n')
     assert rendered == t.prompt(QUESTION, tok)
 
 
@@ -136,16 +155,19 @@ def test_native_template_segments_match_apply_chat_template(tok, conv):
     assert t.is_native and t.jinja() == tok.chat_template
     segments = t.segments(messages, tok)
     gen = messages[-1]["role"] == "user"
-    assert "".join(text for text, _ in segments) == tok.apply_chat_template(messages, tokenize=False,
-                                                                            add_generation_prompt=gen)
+    assert "".join(text for text, _ in segments) == tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=gen
+    )
     replies = [m["content"] + "<|im_end|>\n" for m in messages if m["role"] == "assistant"]
     assert [text for text, trained in segments if trained] == replies
 
 
 def test_native_template_uses_the_tokenizers_default_system(tok):
     segments = get_template(None, tok).segments(ONE, tok)
-    assert segments[0] == (f"<|im_start|>system\n{SMOL_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                           "<|im_start|>assistant\n", False)
+    assert segments[0] == (
+        f"<|im_start|>system\n{SMOL_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        False,
+    )
     custom = get_template(None, tok, default_system="Custom.").segments(ONE, tok)
     assert custom[0][0].startswith("<|im_start|>system\nCustom.<|im_end|>\n")
 
@@ -176,14 +198,21 @@ def test_unknown_template_lists_the_available_ones():
     assert f"Available: {', '.join(sorted(TEMPLATES))}" in message
 
 
-@pytest.mark.parametrize("messages", [
-    [{"role": "assistant", "content": "first"}],
-    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}],
-    [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}],
-    [{"role": "system", "content": "s"}, {"role": "system", "content": "again"}, {"role": "user", "content": "a"}],
-    [{"role": "user", "content": "a"}, {"content": "no role"}],
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "assistant", "content": "first"}],
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "assistant", "content": "c"},
+        ],
+        [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}],
+        [{"role": "system", "content": "s"}, {"role": "system", "content": "again"}, {"role": "user", "content": "a"}],
+        [{"role": "user", "content": "a"}, {"content": "no role"}],
+    ],
+)
 def test_roles_must_alternate(messages):
     with pytest.raises(TemplateError, match="alternate user, assistant"):
         get_template("chatml").segments(messages)
@@ -193,8 +222,10 @@ def test_bad_role_message_counts_turns_after_the_system_message():
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(TemplateError) as err:
         get_template("chatml").segments(messages)
-    assert str(err.value) == ("message 1 has role 'user' but 'assistant' was expected: after an optional system "
-                              "message, turns must alternate user, assistant, user, ...")
+    assert str(err.value) == (
+        "message 1 has role 'user' but 'assistant' was expected: after an optional system "
+        "message, turns must alternate user, assistant, user, ..."
+    )
 
 
 def test_stop_token_ids_keep_only_real_single_tokens(tok):

@@ -9,13 +9,15 @@ from finetune_kit.data.registry import DatasetRegistry
 from finetune_kit.data.template import get_template
 from finetune_kit.data.tokenize import IGNORE_INDEX, encode_conversation, infer_seqlen, tokenize
 
-MULTI = [{"role": "system", "content": "You are a shop assistant."},
-         {"role": "user", "content": "Do you ship for free?"},
-         {"role": "assistant", "content": "Yes, for orders over 99 yuan."},
-         {"role": "user", "content": "When do you ship?"},
-         {"role": "assistant", "content": "Within 48 hours of payment."},
-         {"role": "user", "content": "Thanks!"},
-         {"role": "assistant", "content": "You are welcome."}]
+MULTI = [
+    {"role": "system", "content": "You are a shop assistant."},
+    {"role": "user", "content": "Do you ship for free?"},
+    {"role": "assistant", "content": "Yes, for orders over 99 yuan."},
+    {"role": "user", "content": "When do you ship?"},
+    {"role": "assistant", "content": "Within 48 hours of payment."},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You are welcome."},
+]
 REPLIES = [m["content"] + "<|im_end|>\n" for m in MULTI if m["role"] == "assistant"]
 
 
@@ -83,33 +85,44 @@ def test_mask_history_trains_only_the_last_reply(tok, chatml):
 
 def test_mask_history_keeps_the_last_reply_when_truncating(tok, chatml):
     last_pair = len(enc(tok, "<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n")) + len(
-        enc(tok, REPLIES[-1]))
+        enc(tok, REPLIES[-1])
+    )
     ids, labels = encode_conversation(MULTI, tok, chatml, cutoff_len=last_pair + 3, mask_history=True)
     assert [tok.decode(s) for s in trained_spans(ids, labels)] == [REPLIES[-1]]
     assert tok.decode(ids).endswith("<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n" + REPLIES[-1])
 
 
-@pytest.mark.parametrize(("lengths", "expected"), [
-    ((3000, 2000, 1000), (600, 400)),   # both long: proportional
-    ((2000, 3000, 1000), (400, 600)),
-    ((1000, 100, 1000), (900, 100)),    # short target: keep it, cut the source
-    ((100, 1000, 1000), (100, 900)),    # short source: keep it, cut the target
-    ((100, 500, 1000), (100, 500)),     # fits
-    ((500, 100, 1000), (500, 100)),
-    ((10, 10, 1000), (10, 10)),
-    ((600, 600, 1000), (500, 500)),
-])
+@pytest.mark.parametrize(
+    ("lengths", "expected"),
+    [
+        ((3000, 2000, 1000), (600, 400)),  # both long: proportional
+        ((2000, 3000, 1000), (400, 600)),
+        ((1000, 100, 1000), (900, 100)),  # short target: keep it, cut the source
+        ((100, 1000, 1000), (100, 900)),  # short source: keep it, cut the target
+        ((100, 500, 1000), (100, 500)),  # fits
+        ((500, 100, 1000), (500, 100)),
+        ((10, 10, 1000), (10, 10)),
+        ((600, 600, 1000), (500, 500)),
+    ],
+)
 def test_infer_seqlen_follows_llamafactory(lengths, expected):
     assert infer_seqlen(*lengths) == expected
     assert sum(infer_seqlen(*lengths)) <= lengths[2]
 
 
 def test_cutoff_len_is_respected_and_truncation_counted(tok, chatml):
-    conv = Conversations(tuple(Example(tuple(m), f"mem, row {i}") for i, m in enumerate([
-        MULTI,
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-        [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "short"}],
-    ])))
+    conv = Conversations(
+        tuple(
+            Example(tuple(m), f"mem, row {i}")
+            for i, m in enumerate(
+                [
+                    MULTI,
+                    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                    [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "short"}],
+                ]
+            )
+        )
+    )
     full = tokenize(conv, tok, chatml, cutoff_len=4096)
     assert full.truncated == 0
     lengths = [len(x) for x in full.dataset["input_ids"]]

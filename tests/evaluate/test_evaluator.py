@@ -14,8 +14,11 @@ from finetune_kit.evaluate import EVAL_GENERATION, EvalReport, Evaluator, Predic
 from finetune_kit.evaluate.metrics import SCORE_KEYS
 from finetune_kit.models.loaded import LoadedModel
 
-RESULT_KEYS = {f"predict_{k}" for k in SCORE_KEYS} | {"predict_samples", "predict_runtime",
-                                                       "predict_samples_per_second"}
+RESULT_KEYS = {f"predict_{k}" for k in SCORE_KEYS} | {
+    "predict_samples",
+    "predict_runtime",
+    "predict_samples_per_second",
+}
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +77,9 @@ def test_report_repr_table_and_scores_match_records(predicted):
 
     report, out = predicted
     assert report.output_dir == out
-    assert report.scores == generation_scores([r["predict"] for r in report.records],
-                                              [r["label"] for r in report.records])
+    assert report.scores == generation_scores(
+        [r["predict"] for r in report.records], [r["label"] for r in report.records]
+    )
     text = repr(report)
     assert "\n" not in text and text.startswith("EvalReport(5 samples")
     for key in SCORE_KEYS:
@@ -134,8 +138,12 @@ def test_batch_size_does_not_change_greedy_predictions(tiny_llama, shop_test):
 
 
 def test_max_samples_limits_the_examples(tiny_llama, shop_test):
-    report = Evaluator(tiny_llama).with_generation(max_new_tokens=2).with_config(max_samples=3).predict(
-        shop_test, progress=False)
+    report = (
+        Evaluator(tiny_llama)
+        .with_generation(max_new_tokens=2)
+        .with_config(max_samples=3)
+        .predict(shop_test, progress=False)
+    )
     assert report.num_samples == len(report.records) == 3
     assert [r["label"] for r in report.records] == [e.label for e in shop_test.head(3).examples]
 
@@ -198,8 +206,12 @@ def test_compare_prints_before_after_and_delta():
 
 @pytest.mark.slow
 def test_bundled_model_predicts_on_shop_test(bundled_model, shop_test, tmp_path):
-    report = Evaluator(bundled_model).with_generation(max_new_tokens=48).with_config(
-        per_device_eval_batch_size=3).predict(shop_test.head(6), output_dir=tmp_path, progress=False)
+    report = (
+        Evaluator(bundled_model)
+        .with_generation(max_new_tokens=48)
+        .with_config(per_device_eval_batch_size=3)
+        .predict(shop_test.head(6), output_dir=tmp_path, progress=False)
+    )
     assert report.num_samples == 6
     assert all(r["predict"].strip() for r in report.records)
     for key in SCORE_KEYS:

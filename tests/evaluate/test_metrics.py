@@ -17,8 +17,9 @@ def f1(overlap: int, n_pred: int, n_label: int) -> float:
 
 
 def test_identical_strings_score_100_everywhere():
-    scores = generation_scores(["亲，我们全国包邮哦", "Orders ship within 48 hours."],
-                               ["亲，我们全国包邮哦", "Orders ship within 48 hours."])
+    scores = generation_scores(
+        ["亲，我们全国包邮哦", "Orders ship within 48 hours."], ["亲，我们全国包邮哦", "Orders ship within 48 hours."]
+    )
     assert scores == {key: 100.0 for key in SCORE_KEYS}
 
 
@@ -89,11 +90,22 @@ def _lf_compute_similarity(preds: list[str], labels: list[str]) -> dict[str, flo
 
 
 def test_equals_llamafactory_recipe_on_real_pairs():
-    preds = ["亲，我们是星辰小铺，主要卖家居小物。", "We ship in 48 hours, free over 99 yuan.",
-             "您好！退货请在七天内联系客服。", "好的", "", "Sure. 我们支持7天无理由退货。"]
-    labels = ["亲，这里是星辰小铺，主营家居小物和数码配件，很高兴为您服务哦。",
-              "Orders ship within 48 hours; shipping is free over 99 yuan.",
-              "亲，支持七天无理由退货，请联系在线客服办理哦。", "好的呢亲", "有的", "我们支持7天无理由退货哦。"]
+    preds = [
+        "亲，我们是星辰小铺，主要卖家居小物。",
+        "We ship in 48 hours, free over 99 yuan.",
+        "您好！退货请在七天内联系客服。",
+        "好的",
+        "",
+        "Sure. 我们支持7天无理由退货。",
+    ]
+    labels = [
+        "亲，这里是星辰小铺，主营家居小物和数码配件，很高兴为您服务哦。",
+        "Orders ship within 48 hours; shipping is free over 99 yuan.",
+        "亲，支持七天无理由退货，请联系在线客服办理哦。",
+        "好的呢亲",
+        "有的",
+        "我们支持7天无理由退货哦。",
+    ]
     expected = _lf_compute_similarity(preds, labels)
     got = generation_scores(preds, labels)
     assert got.keys() == expected.keys()
@@ -112,8 +124,10 @@ def test_length_mismatch_and_bare_strings_are_rejected():
 
 
 def test_jieba_start_up_is_silent():
-    code = ("from finetune_kit.evaluate.metrics import generation_scores\n"
-            "print(generation_scores(['我们包邮'], ['我们全国包邮哦'])['rouge-1'])")
+    code = (
+        "from finetune_kit.evaluate.metrics import generation_scores\n"
+        "print(generation_scores(['我们包邮'], ['我们全国包邮哦'])['rouge-1'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "66.6667"

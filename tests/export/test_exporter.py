@@ -19,9 +19,19 @@ def trained(model, tmp_path: Path) -> TrainResult:
     (tmp_path / "d" / "t.json").write_text(json.dumps(rows))
     (tmp_path / "d" / "dataset_info.json").write_text(json.dumps({"t": {"file_name": "t.json"}}))
     data = DatasetRegistry.from_dir(tmp_path / "d").load("t")
-    return (LoraTrainer(model).with_lora(lora_rank=4).with_data(cutoff_len=64)
-            .with_training(output_dir=str(tmp_path / "lora"), learning_rate=5e-2, max_steps=3,
-                           per_device_train_batch_size=4, save_steps=1000, disable_tqdm=True)).train(data)
+    return (
+        LoraTrainer(model)
+        .with_lora(lora_rank=4)
+        .with_data(cutoff_len=64)
+        .with_training(
+            output_dir=str(tmp_path / "lora"),
+            learning_rate=5e-2,
+            max_steps=3,
+            per_device_train_batch_size=4,
+            save_steps=1000,
+            disable_tqdm=True,
+        )
+    ).train(data)
 
 
 def logits(model, text: str) -> torch.Tensor:

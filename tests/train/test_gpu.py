@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_bf16_lora_on_gpu_learns_and_merges(tiny_qwen2_dir: Path, tmp_path: Path):
@@ -24,10 +23,21 @@ def test_bf16_lora_on_gpu_learns_and_merges(tiny_qwen2_dir: Path, tmp_path: Path
     (tmp_path / "d" / "t.json").write_text(json.dumps(rows, ensure_ascii=False))
     (tmp_path / "d" / "dataset_info.json").write_text(json.dumps({"t": {"file_name": "t.json"}}))
     data = DatasetRegistry.from_dir(tmp_path / "d").load("t")
-    result = (LoraTrainer(model).with_lora(lora_rank=8).with_data(cutoff_len=64)
-              .with_training(output_dir=str(tmp_path / "out"), learning_rate=5e-3, max_steps=30, bf16=True,
-                             per_device_train_batch_size=8, logging_steps=5, save_steps=1000, disable_tqdm=True)
-              ).train(data)
+    result = (
+        LoraTrainer(model)
+        .with_lora(lora_rank=8)
+        .with_data(cutoff_len=64)
+        .with_training(
+            output_dir=str(tmp_path / "out"),
+            learning_rate=5e-3,
+            max_steps=30,
+            bf16=True,
+            per_device_train_batch_size=8,
+            logging_steps=5,
+            save_steps=1000,
+            disable_tqdm=True,
+        )
+    ).train(data)
     losses = [loss for _, loss in result.losses]
     assert all(loss == loss for loss in losses) and losses[-1] < losses[0]
     tuned = result.load()

@@ -24,8 +24,15 @@ def data(tmp_path: Path):
 
 
 def trainer(model, out: Path, **training) -> LoraTrainer:
-    settings = dict(output_dir=out, learning_rate=5e-2, max_steps=3, per_device_train_batch_size=4,
-                    save_steps=1000, disable_tqdm=True, logging_steps=1)
+    settings = dict(
+        output_dir=out,
+        learning_rate=5e-2,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        save_steps=1000,
+        disable_tqdm=True,
+        logging_steps=1,
+    )
     settings.update(training)
     return LoraTrainer(model).with_lora(lora_rank=4).with_data(cutoff_len=64).with_training(**settings)
 

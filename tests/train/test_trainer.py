@@ -27,8 +27,16 @@ def write_dataset(folder: Path, rows: list[dict] = ROWS) -> DatasetRegistry:
 
 
 def quick_trainer(model, out: Path, **training) -> LoraTrainer:
-    settings = dict(output_dir=str(out), learning_rate=1e-2, max_steps=3, per_device_train_batch_size=2,
-                    logging_steps=1, save_steps=1000, disable_tqdm=True, report_to="none")
+    settings = dict(
+        output_dir=str(out),
+        learning_rate=1e-2,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        save_steps=1000,
+        disable_tqdm=True,
+        report_to="none",
+    )
     settings.update(training)
     return LoraTrainer(model).with_lora(lora_rank=4).with_data(cutoff_len=64).with_training(**settings)
 
@@ -45,8 +53,11 @@ def test_lora_weights_change_and_base_weights_stay_frozen(tiny_llama, tmp_path):
     tuned = result.load()
     lora = {k: v for k, v in tuned.model.state_dict().items() if "lora_B" in k}
     assert lora and any(v.abs().sum() > 0 for v in lora.values()), "lora_B starts at zero and must have moved"
-    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-            for k, v in tuned.model.state_dict().items() if "lora_" not in k}
+    base = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in tuned.model.state_dict().items()
+        if "lora_" not in k
+    }
     assert all(torch.equal(base[k], before[k]) for k in before)
 
 
@@ -62,8 +73,16 @@ def test_output_dir_holds_every_artifact(tiny_llama, tmp_path):
     data = write_dataset(tmp_path / "data").load("tiny")
     out = tmp_path / "out"
     result = quick_trainer(tiny_llama, out, plot_loss=True).train(data)
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
-                 "finetune_kit_config.json", "trainer_log.jsonl", "training_loss.png", "trainer_state.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "finetune_kit_config.json",
+        "trainer_log.jsonl",
+        "training_loss.png",
+        "trainer_state.json",
+    ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "finetune_kit_config.json").read_text())
     assert saved["finetune_kit_version"]
@@ -100,16 +119,26 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
     assert steps == [1, 2, 3, 4]
     log = (out / "trainer_log.jsonl").read_text().splitlines()
     # the first run's lines (with their own timings) are kept and the resumed run appends steps 3 and 4
-    resumed = [json.loads(x) for x in log[len(first_log):]]
-    assert log[:len(first_log)] == first_log and [r["current_steps"] for r in resumed if "loss" in r] == [3, 4]
+    resumed = [json.loads(x) for x in log[len(first_log) :]]
+    assert log[: len(first_log)] == first_log and [r["current_steps"] for r in resumed if "loss" in r] == [3, 4]
 
 
 def test_accumulation_matches_a_larger_batch(tiny_llama, tmp_path):
     data = write_dataset(tmp_path / "data").load("tiny")
-    a = quick_trainer(tiny_llama, tmp_path / "a", max_steps=1, per_device_train_batch_size=4,
-                      gradient_accumulation_steps=1).train(data).load()
-    b = quick_trainer(tiny_llama, tmp_path / "b", max_steps=1, per_device_train_batch_size=1,
-                      gradient_accumulation_steps=4).train(data).load()
+    a = (
+        quick_trainer(
+            tiny_llama, tmp_path / "a", max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1
+        )
+        .train(data)
+        .load()
+    )
+    b = (
+        quick_trainer(
+            tiny_llama, tmp_path / "b", max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=4
+        )
+        .train(data)
+        .load()
+    )
     sa, sb = a.model.state_dict(), b.model.state_dict()
     lora = [k for k in sa if "lora_" in k]
     assert lora
@@ -139,10 +168,21 @@ def test_bundled_model_memorises_a_tiny_dataset(bundled_model, tmp_path):
 
     model = ModelSource.bundled().load(template="chatml")
     data = write_dataset(tmp_path / "data").load("tiny")
-    result = (LoraTrainer(model).with_lora(lora_rank=8, lora_alpha=16).with_data(cutoff_len=128)
-              .with_training(output_dir=str(tmp_path / "out"), learning_rate=2e-3, max_steps=24,
-                             per_device_train_batch_size=4, lr_scheduler_type="constant", logging_steps=4,
-                             save_steps=1000, disable_tqdm=True)).train(data)
+    result = (
+        LoraTrainer(model)
+        .with_lora(lora_rank=8, lora_alpha=16)
+        .with_data(cutoff_len=128)
+        .with_training(
+            output_dir=str(tmp_path / "out"),
+            learning_rate=2e-3,
+            max_steps=24,
+            per_device_train_batch_size=4,
+            lr_scheduler_type="constant",
+            logging_steps=4,
+            save_steps=1000,
+            disable_tqdm=True,
+        )
+    ).train(data)
     losses = [loss for _, loss in result.losses]
     assert losses[-1] < losses[0] / 5, f"loss did not fall enough: {losses}"
     tuned = result.load()

@@ -24,9 +24,13 @@ def to_messages(row: Any, spec: DatasetSpec, where: tuple[str, int]) -> list[Mes
     query = text_field(row, cols("query"), where, required=False, key="query")
     prompt = "\n".join(part for part in (instruction, query) if part)
     if not prompt.strip():
-        raise DatasetRowError(file=where[0], row=where[1], field=cols("prompt"),
-                              problem=f"both '{cols('prompt')}' and '{cols('query')}' are empty",
-                              fix="give the row an instruction, or remove it")
+        raise DatasetRowError(
+            file=where[0],
+            row=where[1],
+            field=cols("prompt"),
+            problem=f"both '{cols('prompt')}' and '{cols('query')}' are empty",
+            fix="give the row an instruction, or remove it",
+        )
     response = text_field(row, cols("response"), where, required=True, key="response")
     messages: list[Message] = []
     system_col = spec.columns.get("system")
@@ -38,14 +42,22 @@ def to_messages(row: Any, spec: DatasetSpec, where: tuple[str, int]) -> list[Mes
     if history_col and row.get(history_col):
         history = row[history_col]
         if not isinstance(history, list):
-            raise DatasetRowError(file=where[0], row=where[1], field=history_col,
-                                  problem=f"expected a list of [prompt, response] pairs, got {type(history).__name__}",
-                                  fix='write it as [["question", "answer"], ...]')
+            raise DatasetRowError(
+                file=where[0],
+                row=where[1],
+                field=history_col,
+                problem=f"expected a list of [prompt, response] pairs, got {type(history).__name__}",
+                fix='write it as [["question", "answer"], ...]',
+            )
         for turn, pair in enumerate(history):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-                raise DatasetRowError(file=where[0], row=where[1], field=f"{history_col}[{turn}]",
-                                      problem=f"expected a [prompt, response] pair of strings, got {str(pair)[:60]!r}",
-                                      fix='write each history item as ["question", "answer"]')
+                raise DatasetRowError(
+                    file=where[0],
+                    row=where[1],
+                    field=f"{history_col}[{turn}]",
+                    problem=f"expected a [prompt, response] pair of strings, got {str(pair)[:60]!r}",
+                    fix='write each history item as ["question", "answer"]',
+                )
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     return messages
