@@ -43,7 +43,7 @@ _EXPORTS = {
     "TrainingConfig": "finetune_kit.train.config",
     "TrainResult": "finetune_kit.train.result",
     "Evaluator": "finetune_kit.evaluate.evaluator",
-    "EvalReport": "finetune_kit.evaluate.evaluator",
+    "EvalReport": "finetune_kit.evaluate.result",
     "PredictConfig": "finetune_kit.evaluate.config",
     "Exporter": "finetune_kit.export.exporter",
     "ExportConfig": "finetune_kit.export.config",
@@ -90,7 +90,8 @@ if TYPE_CHECKING:
         UnknownKeysError,
     )
     from finetune_kit.evaluate.config import PredictConfig
-    from finetune_kit.evaluate.evaluator import EvalReport, Evaluator
+    from finetune_kit.evaluate.evaluator import Evaluator
+    from finetune_kit.evaluate.result import EvalReport
     from finetune_kit.export.config import ExportConfig
     from finetune_kit.export.exporter import Exporter
     from finetune_kit.export.result import ExportedModel

@@ -18,6 +18,10 @@ IGNORED: dict[str, str] = {
     "save_only_model": "checkpoints always keep the optimizer state, so they stay resumable",
     "preprocessing_num_workers": "tokenization runs in the main process",
     "overwrite_cache": "tokenized data is not cached on disk",
+    # encoding keys matter to `train` only; eval/export/api/chat YAMLs often carry them too
+    "cutoff_len": "only training encodes examples",
+    "train_on_prompt": "only training encodes examples",
+    "mask_history": "only training encodes examples",
 }
 
 # Accepted when false (or unset); refused when true, with the reason.

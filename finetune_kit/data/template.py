@@ -47,7 +47,6 @@ class ChatTemplate:
             return self
         return replace(self, default_system=system)
 
-    # ------------------------------------------------------------------ encoding
     def segments(self, messages: Sequence[Message], tokenizer: Any = None) -> list[tuple[str, bool]]:
         """Split a conversation into ``(text, is_assistant_reply)`` pieces, in order.
 
@@ -90,7 +89,6 @@ class ChatTemplate:
                 ids.append(tid)
         return ids
 
-    # ------------------------------------------------------------------ export
     def jinja(self) -> str:
         """A Jinja chat template that renders exactly what :meth:`segments` produces."""
         if self.native_jinja is not None:

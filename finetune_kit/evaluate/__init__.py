@@ -9,9 +9,10 @@ Example::
 """
 
 from finetune_kit.evaluate.config import PredictConfig
-from finetune_kit.evaluate.evaluator import EVAL_GENERATION, EvalReport, Evaluator
+from finetune_kit.evaluate.evaluator import EVAL_GENERATION, Evaluator
 from finetune_kit.evaluate.metrics import SCORE_KEYS, example_scores, generation_scores, per_example_scores
 from finetune_kit.evaluate.predict import read_predictions
+from finetune_kit.evaluate.result import EvalReport
 
 __all__ = [
     "EVAL_GENERATION",

@@ -9,11 +9,10 @@ and load that directory afterwards (well under a second).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
-from finetune_kit._artifacts import CACHE_RECORD, provenance, write_record
+from finetune_kit._artifacts import CACHE_RECORD, provenance, read_record, write_record
 from finetune_kit._fs import atomic_dir
 
 MARKER = CACHE_RECORD
@@ -50,7 +49,7 @@ def dequantize_gguf(gguf: Path, target: Path) -> Path:
     marker = target / MARKER
     if marker.is_file():
         try:
-            if json.loads(marker.read_text())["source"] == fingerprint:
+            if read_record(marker)["source"] == fingerprint:
                 return target
         except (ValueError, KeyError):
             pass

@@ -37,10 +37,11 @@ class ModelConfig(StageConfig):
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "eager"] = option(
         "auto", "Attention kernel: auto (SDPA), sdpa, eager/disabled, or fa2 (needs flash-attn)."
     )
-    device: Literal["auto", "cpu", "cuda"] = option("auto", "Where to place the model for inference.")
-
-    def _check(self) -> list[str]:
-        return []
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto",
+        "Where the weights go at load time: auto = this process's GPU if there is one (LOCAL_RANK under a "
+        "launcher), else the CPU.",
+    )
 
     def to_saved_dict(self) -> dict:
         """``to_dict()`` for files written next to artifacts: the hub token is never saved."""

@@ -69,7 +69,6 @@ class LoadedModel:
                 ids.append(int(tid))
         return ids
 
-    # ------------------------------------------------------------------ Engine
     @property
     def name(self) -> str:
         """A short id: the last adapter folder's name, else the model's last path part."""
@@ -87,7 +86,6 @@ class LoadedModel:
         """Generations this engine runs at once: one (``model.generate`` holds the whole model)."""
         return 1
 
-    # ------------------------------------------------------------------ adapters
     def with_adapter(self, path: str | os.PathLike[str]) -> LoadedModel:
         """A new LoadedModel with the LoRA adapter at ``path`` applied on top (not merged).
 
@@ -112,7 +110,6 @@ class LoadedModel:
         tok.chat_template = self.template.jinja()
         return tok
 
-    # ------------------------------------------------------------------ generation
     def render_prompt(self, messages: Sequence[Message]) -> str:
         """The prompt text the template makes of ``messages``, ending where the reply starts."""
         return self.template.prompt(list(messages), self.tokenizer)

@@ -66,7 +66,7 @@ class LoadPlan:
                 f"  dtype:          {self.dtype}",
                 f"  device:         {self.device}",
                 f"  attention:      {self.attn_implementation or 'transformers default (sdpa where supported)'}",
-                f"  template:       {self.template or 'the tokenizer own chat template'}",
+                f"  template:       {self.template or 'the chat template of the tokenizer'}",
                 f"  adapters:       {adapters}",
             ]
         )

@@ -49,7 +49,6 @@ def describe_validation_errors(errors: Any) -> RequestError:
     return RequestError("; ".join(problems) or "invalid request", param=next((p for p in params if p), None))
 
 
-# ---------------------------------------------------------------------------------- request
 class ChatMessage(BaseModel):
     """One message; list-of-parts content is flattened to text (only ``text`` parts exist here)."""
 
@@ -187,7 +186,6 @@ class ChatCompletionRequest(BaseModel):
         return default.with_(**changes) if changes else default
 
 
-# ---------------------------------------------------------------------------------- responses
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

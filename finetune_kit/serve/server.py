@@ -120,7 +120,6 @@ class Server:
         copy._fill(self._source, self._engine, config, generation)
         return copy
 
-    # ------------------------------------------------------------------ fluent
     def with_config(self, **changes: Any) -> Server:
         """A new Server with :class:`ServeConfig` fields changed; a loaded model is shared."""
         return self._copy(self.config.with_(**changes), self.generation)
@@ -172,7 +171,6 @@ class Server:
             ]
         )
 
-    # ------------------------------------------------------------------ running
     def run(self, *, log_level: LogLevel = "info") -> None:
         """Serve in the foreground until Ctrl+C, printing the base URL and a curl example first."""
         uvicorn = _serve_extra()

@@ -24,7 +24,12 @@ def linear_module_names(model: Any) -> list[str]:
 
 
 def resolve_targets(model: Any, lora: LoraConfig) -> list[str]:
-    """The module names LoRA will wrap: every linear layer for ``all``, else the named ones (checked)."""
+    """The module names LoRA will wrap: every linear layer for ``all``, else the named ones (checked).
+
+    A model that already carries an adapter keeps that adapter's targets (it is trained further).
+    """
+    if is_peft(model):
+        return sorted(model.peft_config[model.active_adapter].target_modules)
     available = linear_module_names(model)
     if lora.lora_target == ("all",):
         return available
@@ -38,9 +43,11 @@ def resolve_targets(model: Any, lora: LoraConfig) -> list[str]:
 
 
 def count_lora_params(model: Any, targets: list[str], rank: int) -> int:
-    """Parameters LoRA adds: ``r * (in + out)`` for each targeted linear layer."""
+    """Parameters LoRA adds: ``r * (in + out)`` for each targeted linear layer (or the loaded adapter's size)."""
     import torch
 
+    if is_peft(model):
+        return sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
     return sum(
         rank * (m.in_features + m.out_features)
         for name, m in model.named_modules()

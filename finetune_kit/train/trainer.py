@@ -98,7 +98,6 @@ class LoraTrainer:
             )
         return replace(self, encoding=self.encoding.with_(**changes))
 
-    # ------------------------------------------------------------------ planning
     def load_plan(self) -> LoadPlan | None:
         """How :meth:`train` will load the model (None when it was given an already loaded model)."""
         if isinstance(self.model, LoadedModel):
@@ -147,6 +146,7 @@ class LoraTrainer:
         total = sum(p.numel() for p in structure.parameters())
         targets = resolve_targets(structure, self.lora)
         lora_params = count_lora_params(structure, targets, self.lora.lora_rank)
+        whole = total if is_peft(structure) else total + lora_params  # a loaded adapter is counted in total
         devices = _world_size() or max(torch.cuda.device_count(), 1)
         effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * devices
         plan = self.load_plan()
@@ -154,8 +154,7 @@ class LoraTrainer:
             plan.explain() if plan is not None else f"model:            {self.model!r} (loaded; left unchanged)",
             f"LoRA:             r={self.lora.lora_rank}, alpha={self.lora.alpha}, dropout={self.lora.lora_dropout}",
             f"targets:          {', '.join(targets)}",
-            f"trainable params: {lora_params:,} of {total + lora_params:,} "
-            f"({100 * lora_params / (total + lora_params):.3f}%)",
+            f"trainable params: {lora_params:,} of {whole:,} ({100 * lora_params / whole:.3f}%)",
             f"batch:            {t.per_device_train_batch_size} per device x {t.gradient_accumulation_steps} "
             f"accumulation x {devices} device(s) = {effective} per step",
             f"optimizer:        {t.optim}, lr {t.learning_rate}, {t.lr_scheduler_type} schedule, "
@@ -178,7 +177,6 @@ class LoraTrainer:
             lines.insert(7, f"steps:            {steps}")
         return "\n".join(lines)
 
-    # ------------------------------------------------------------------ training
     def train(self, data: Data, eval_data: Data | None = None) -> TrainResult:
         """Run LoRA SFT and write the adapter, tokenizer, provenance, log and plots to ``output_dir``.
 
@@ -250,7 +248,6 @@ class LoraTrainer:
             model=tuned,
         )
 
-    # ------------------------------------------------------------------ helpers
     def _structure(self) -> Any:
         """The model's module tree: the loaded one, or an empty (meta-device) copy built from its config."""
         if isinstance(self.model, LoadedModel):

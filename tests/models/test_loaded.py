@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from finetune_kit.models import decoding
 from finetune_kit.models.generation import GenerationConfig
@@ -121,7 +122,8 @@ def test_chat_puts_the_system_message_in_the_prompt(tiny_llama):
 def test_repr_is_one_line(tiny_llama):
     text = repr(tiny_llama)
     assert "\n" not in text
-    assert "template=chatml" in text and "device=cpu" in text and "dtype=float32" in text
+    device = "cpu" if not torch.cuda.is_available() else f"cuda:{torch.cuda.current_device()}"
+    assert "template=chatml" in text and f"device={device}" in text and "dtype=float32" in text
 
 
 @pytest.mark.slow

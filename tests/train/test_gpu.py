@@ -51,3 +51,131 @@ def test_bf16_lora_on_gpu_learns_and_merges(tiny_qwen2_dir: Path, tmp_path: Path
         a = tuned.model(input_ids=ids).logits.float()
         b = merged.model(input_ids=ids).logits.float()
     torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)  # bf16 weights: merged rounding differs slightly
+
+
+def write_rows(folder: Path, n: int = 32) -> Path:
+    rows = [{"instruction": f"问题 {i}", "input": "", "output": f"回答 {i} 号"} for i in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "t.json").write_text(json.dumps(rows, ensure_ascii=False))
+    (folder / "dataset_info.json").write_text(json.dumps({"t": {"file_name": "t.json"}}))
+    return folder
+
+
+def test_trainer_loads_a_source_straight_onto_the_gpu_in_bf16(tiny_qwen2_dir: Path, tmp_path: Path):
+    from finetune_kit import DatasetRegistry, LoraTrainer, ModelSource
+
+    data = DatasetRegistry.from_dir(write_rows(tmp_path / "d")).load("t")
+    trainer = (
+        LoraTrainer(ModelSource.local(tiny_qwen2_dir).with_config(template="qwen"))
+        .with_data(cutoff_len=64)
+        .with_training(
+            output_dir=tmp_path / "out",
+            learning_rate=5e-3,
+            max_steps=20,
+            bf16=True,
+            per_device_train_batch_size=8,
+            save_steps=1000,
+            disable_tqdm=True,
+            logging_steps=5,
+        )
+    )
+    plan = trainer.load_plan()
+    assert plan is not None and plan.dtype == "bfloat16" and plan.device.startswith("cuda")
+    assert plan.from_pretrained_kwargs()["device_map"] == {"": plan.device}
+    result = trainer.train(data)
+    tuned = result.load()
+    assert tuned is result.model and tuned.device.type == "cuda"
+    assert next(p for n, p in tuned.model.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
+    losses = [loss for _, loss in result.losses]
+    assert losses[-1] < losses[0]
+
+
+DDP_SCRIPT = """
+import json, os, sys, torch
+from finetune_kit import DatasetRegistry, LoraTrainer, ModelSource
+model_dir, data_dir, out = sys.argv[1:4]
+rank = int(os.environ["LOCAL_RANK"])
+data = DatasetRegistry.from_dir(data_dir).load("t")
+trainer = (LoraTrainer(ModelSource.local(model_dir).with_config(template="qwen")).with_data(cutoff_len=64)
+           .with_training(output_dir=out, learning_rate=5e-3, max_steps=12, bf16=True, per_device_train_batch_size=4,
+                          save_steps=1000, disable_tqdm=True, logging_steps=4))
+result = trainer.train(data)
+others = [i for i in range(torch.cuda.device_count()) if i != rank]
+report = {"rank": rank, "device": str(result.load().device),
+          "bytes_on_other_gpus": sum(torch.cuda.memory_allocated(i) for i in others),
+          "losses": [loss for _, loss in result.losses]}
+print("REPORT " + json.dumps(report), flush=True)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_python_trainer_under_torchrun_puts_each_rank_on_its_own_gpu(tiny_qwen2_dir: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    data = write_rows(tmp_path / "d")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tiny_qwen2_dir),
+        str(data),
+        str(tmp_path / "out"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [json.loads(line.split("REPORT ", 1)[1]) for line in proc.stdout.splitlines() if "REPORT " in line]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for r in reports:
+        assert r["device"] == f"cuda:{r['rank']}"
+        assert r["bytes_on_other_gpus"] == 0, r  # no rank loads its copy onto another rank's GPU
+        assert r["losses"][-1] < r["losses"][0]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cli_under_torchrun_trains_on_two_gpus_and_only_rank_0_prints(tiny_qwen2_dir: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    data = write_rows(tmp_path / "d")
+    out = tmp_path / "out"
+    keys = [
+        f"model_name_or_path={tiny_qwen2_dir}",
+        "template=qwen",
+        "do_train=true",
+        "dataset=t",
+        f"dataset_dir={data}",
+        "cutoff_len=64",
+        f"output_dir={out}",
+        "bf16=true",
+        "max_steps=8",
+        "per_device_train_batch_size=4",
+        "logging_steps=2",
+        "save_steps=1000",
+        "disable_tqdm=true",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "finetune_kit.cli.main",
+        "train",
+        *keys,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("Training finished:") == 1, proc.stdout[-3000:]
+    assert proc.stdout.count("trainable params:") == 1
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["current_steps"] for r in log if "loss" in r] == [2, 4, 6, 8]  # one writer, no duplicated lines
