@@ -9,7 +9,9 @@ and outputs. Only what will be written to (a merge, a continued adapter) is copi
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,15 @@ def check_adapter_dir(path: str) -> Path:
     return p
 
 
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence one FutureWarning peft triggers on every wrap (it reads transformers' deprecated
+    ``is_gradient_checkpointing``); nothing for the user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_adapters(model: Any, adapters: Sequence[str], *, trainable: bool = False) -> Any:
     """Merge all adapters but the last into the weights; keep the last one as a live PeftModel.
 
@@ -35,9 +46,10 @@ def apply_adapters(model: Any, adapters: Sequence[str], *, trainable: bool = Fal
     from peft import PeftModel
 
     paths = [check_adapter_dir(a) for a in adapters]
-    for p in paths[:-1]:
-        model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
-    return PeftModel.from_pretrained(model, str(paths[-1]), is_trainable=trainable)
+    with quiet_peft():
+        for p in paths[:-1]:
+            model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
+        return PeftModel.from_pretrained(model, str(paths[-1]), is_trainable=trainable)
 
 
 def is_peft(model: Any) -> bool:
@@ -70,4 +82,5 @@ def add_adapter(model: Any, folder: str) -> Any:
 
     path = check_adapter_dir(folder)
     base = merged_clone(model) if is_peft(model) else shared_clone(model)
-    return PeftModel.from_pretrained(base, str(path))
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, str(path))

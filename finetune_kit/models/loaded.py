@@ -83,8 +83,12 @@ class LoadedModel:
 
     @property
     def max_concurrency(self) -> int:
-        """Generations this engine runs at once: one (``model.generate`` holds the whole model)."""
-        return 1
+        """Generations that may run side by side (each ``model.generate`` call in its own thread).
+
+        An upper bound only: a server runs ``ServeConfig.max_concurrent`` at once (1 by default,
+        as LLaMA-Factory does), capped by this.
+        """
+        return 8
 
     def with_adapter(self, path: str | os.PathLike[str]) -> LoadedModel:
         """A new LoadedModel with the LoRA adapter at ``path`` applied on top (not merged).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_kit.errors import ConfigError
-from finetune_kit.models.adapters import is_peft
+from finetune_kit.models.adapters import is_peft, quiet_peft
 from finetune_kit.train.config import LoraConfig
 
 _HEADS = {"lm_head", "output_layer", "output", "embed_out", "score"}
@@ -80,7 +80,8 @@ def attach_lora(model: Any, lora: LoraConfig, targets: list[str], *, seed: int, 
             use_rslora=lora.use_rslora,
             modules_to_save=list(lora.additional_target) if lora.additional_target else None,
         )
-        peft_model = peft.get_peft_model(model, cfg)
+        with quiet_peft():
+            peft_model = peft.get_peft_model(model, cfg)
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
