@@ -13,7 +13,6 @@ from finetune_kit.export.config import ExportConfig
 from finetune_kit.export.result import ExportedModel
 from finetune_kit.models.adapters import is_peft, merged_clone
 from finetune_kit.models.loaded import LoadedModel
-from finetune_kit.models.loader import local_device
 from finetune_kit.models.source import ModelSource
 
 
@@ -52,9 +51,8 @@ class Exporter:
         held = getattr(self.model, "model", None)  # a TrainResult that still holds its trained model
         if isinstance(held, LoadedModel):
             return held, False
-        device = local_device("auto") if self.config.export_device == "auto" else "cpu"
-        loaded = self.model.load(device=device if device == "cpu" else "cuda")
-        return loaded, True
+        # "auto": the load plan's rule (this process's GPU if there is one, else the CPU)
+        return self.model.load(device="auto" if self.config.export_device == "auto" else "cpu"), True
 
     def merge(self, export_dir: str | Path | None = None) -> ExportedModel:
         """Merge and write to ``export_dir`` (or the config's); returns the :class:`ExportedModel`.
