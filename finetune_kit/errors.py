@@ -67,6 +67,30 @@ class DatasetRowError(DatasetError):
         super().__init__(f"{file}, row {row}, field '{field}': {problem}. Fix: {fix}")
 
 
+class DatasetRowsError(DatasetRowError):
+    """Some rows of the selected datasets are malformed: all of them, in one error.
+
+    ``rows`` holds every :class:`DatasetRowError`; the message shows the first ``shown`` and the
+    total. ``file``, ``row`` and ``field`` are the first bad row's, so code that handles a single
+    :class:`DatasetRowError` keeps working.
+    """
+
+    def __init__(self, rows: Iterable[DatasetRowError], *, shown: int = 20) -> None:
+        self.rows = tuple(rows)
+        self.file, self.row, self.field = self.rows[0].file, self.rows[0].row, self.rows[0].field
+        lines = [f"  - {exc}" for exc in self.rows[:shown]]
+        more = len(self.rows) - len(lines)
+        if more > 0:
+            lines.append(f"  ... and {more} more (finetune-kit data check lists them all)")
+        files = sorted({exc.file for exc in self.rows})
+        DatasetError.__init__(
+            self,
+            f"{len(self.rows)} bad row{'s' if len(self.rows) != 1 else ''} in {', '.join(files)}:\n"
+            + "\n".join(lines)
+            + "\nFix these rows, or set skip_invalid: true to train without them (their count and places are printed)."
+        )
+
+
 class OutputExistsError(FinetuneKitError, FileExistsError):
     """Refusing to overwrite something the user already has."""
 

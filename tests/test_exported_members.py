@@ -35,6 +35,7 @@ EXPECTED = sorted(
         "ConfigError",
         "DatasetError",
         "DatasetRowError",
+        "DatasetRowsError",
         "ModelNotFoundError",
         "EnvironmentCheckError",
         "MissingDependencyError",

@@ -128,8 +128,6 @@ UNSUPPORTED: dict[str, str] = {
             "interleave_probs",
             "buffer_size",
             "resize_vocab",
-            "tool_format",
-            "enable_thinking",
             "media_dir",
             "image_max_pixels",
             "freeze_vision_tower",

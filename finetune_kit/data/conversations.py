@@ -17,10 +17,25 @@ from finetune_kit.errors import DatasetError
 
 @dataclass(frozen=True)
 class Example:
-    """One conversation (an optional system message, then user/assistant turns) and where it came from."""
+    """One conversation (an optional system message, then alternating turns) and where it came from.
+
+    What the turns end with depends on the data's purpose: supervised data ends with the reply
+    to train on; pre-training text is one user message holding the text; preference data ends
+    with the chosen reply and carries the ``rejected`` one; KTO data carries ``kto_tag`` (is the
+    last reply desirable). ``tools`` is the JSON tool list of function-calling rows.
+    """
 
     messages: tuple[Message, ...]
     source: str  # "file, row N" for error messages and reports
+    tools: str = ""
+    rejected: Message | None = None
+    kto_tag: bool | None = None
+
+    @property
+    def text(self) -> str:
+        """Pre-training text: the first message after the system message (LLaMA-Factory's rule)."""
+        body = [m for m in self.messages if m["role"] != "system"]
+        return body[0]["content"] if body else ""
 
     @property
     def prompt_messages(self) -> list[Message]:
@@ -39,6 +54,8 @@ class Conversations:
 
     examples: tuple[Example, ...]
     names: tuple[str, ...] = ()
+    skipped: int = 0
+    """Bad rows dropped on request (``skip_invalid``); never more than zero otherwise."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -54,7 +71,7 @@ class Conversations:
         return f"Conversations({', '.join(self.names) or 'in-memory'}: {len(self)} examples, {turns} replies)"
 
     def head(self, n: int) -> Conversations:
-        return Conversations(self.examples[:n], self.names)
+        return Conversations(self.examples[:n], self.names, self.skipped)
 
     def split(self, val_size: float, *, seed: int = 42) -> tuple[Conversations, Conversations]:
         """Shuffle and hold out ``val_size`` (a fraction < 1 or a row count) for evaluation."""
@@ -66,5 +83,5 @@ class Conversations:
             )
         order = list(range(n))
         random.Random(seed).shuffle(order)
-        pick = lambda idx: Conversations(tuple(self.examples[i] for i in sorted(idx)), self.names)  # noqa: E731
+        pick = lambda idx: Conversations(tuple(self.examples[i] for i in sorted(idx)), self.names, self.skipped)  # noqa: E731
         return pick(order[n_val:]), pick(order[:n_val])

@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 Message = dict[str, str]
-"""One chat message: ``{"role": "system" | "user" | "assistant", "content": "..."}``."""
+"""One chat message: ``{"role": ..., "content": "..."}``.
+
+Roles: ``system`` (first only), ``user``, ``assistant``, and for tool use ``function`` (an
+assistant turn holding tool calls as JSON) and ``observation`` (a user-side turn holding tool results).
+"""
+
+ASKING = ("user", "observation")
+"""Roles that ask for a reply (even turns)."""
+ANSWERING = ("assistant", "function")
+"""Roles that reply (odd turns)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,9 @@ class TurnProblem:
 def check_turns(roles: Sequence[str | None]) -> TurnProblem | None:
     """Check that, after an optional leading ``"system"``, roles alternate ``"user"``, ``"assistant"``, ...
 
+    Tool turns take the same places: ``"observation"`` where a user turn may be, ``"function"``
+    where an assistant turn may be.
+
     Returns None when they do, else the first offending message. Only the order is checked:
     an empty conversation passes, and how it must end (a reply to train on, a question to
     answer) is the caller's rule.
@@ -53,7 +65,7 @@ def check_turns(roles: Sequence[str | None]) -> TurnProblem | None:
     first = 1 if roles and roles[0] == "system" else 0
     for index in range(first, len(roles)):
         turn = index - first
-        expected = "user" if turn % 2 == 0 else "assistant"
-        if roles[index] != expected:
-            return TurnProblem(index=index, turn=turn, role=roles[index], expected=expected)
+        allowed = ASKING if turn % 2 == 0 else ANSWERING
+        if roles[index] not in allowed:
+            return TurnProblem(index=index, turn=turn, role=roles[index], expected=allowed[0])
     return None

@@ -10,18 +10,24 @@ from typing import Any
 
 from finetune_kit.data.conversations import Example
 from finetune_kit.data.formats import FORMATS
+from finetune_kit.data.formats.common import check_ranking
 from finetune_kit.data.spec import DatasetSpec
 from finetune_kit.errors import DatasetError, DatasetRowError
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-def read_dataset(spec: DatasetSpec, dataset_dir: Path, max_samples: int | None) -> list[Example]:
+def read_dataset(
+    spec: DatasetSpec, dataset_dir: Path, max_samples: int | None, *, kind: str = "sft"
+) -> tuple[list[Example], list[DatasetRowError]]:
     """Read, convert and check the rows of one dataset (first ``max_samples`` rows if given).
 
-    A relative ``file_name`` is read from ``dataset_dir``; without one, rows come from ``hf_hub_url``.
-    ``num_samples`` is applied before ``max_samples``, as in LLaMA-Factory.
+    Returns the good examples and an error for every bad row: nothing is dropped silently, the
+    caller decides. A relative ``file_name`` is read from ``dataset_dir``; without one, rows come
+    from ``hf_hub_url``. ``num_samples`` is applied before ``max_samples``, as in LLaMA-Factory.
+    ``kind`` is what the training stage needs of a row (``formats.common.KINDS``).
     """
+    check_ranking(spec, kind)
     convert = FORMATS[spec.formatting]
     if spec.file_name:
         path = Path(spec.file_name)
@@ -34,26 +40,24 @@ def read_dataset(spec: DatasetSpec, dataset_dir: Path, max_samples: int | None) 
         rows = rows[:max_samples]
     if not rows:
         raise DatasetError(f"dataset '{spec.name}' has no rows")
-    return [Example(tuple(convert(row, spec, (file, i))), f"{file}, row {i}") for file, i, row in rows]
+    examples, bad = [], []
+    for file, i, row in rows:
+        try:
+            examples.append(convert(row, spec, (file, i), kind))
+        except DatasetRowError as exc:
+            bad.append(exc)
+    return examples, bad
 
 
-def check_dataset(spec: DatasetSpec, dataset_dir: Path) -> tuple[int, list[str]]:
+def check_dataset(spec: DatasetSpec, dataset_dir: Path, *, kind: str = "sft") -> tuple[int, list[str]]:
     """Check every row of a dataset file; return the row count and one message per bad row.
 
     Hub datasets give ``(0, [])``: they are read, and checked, when loaded.
     """
-    convert = FORMATS[spec.formatting]
-    path = Path(spec.file_name) if spec.file_name else None
-    if path is None:
+    if not spec.file_name:
         return 0, []
-    rows = read_rows(path if path.is_absolute() else dataset_dir / path)
-    errors = []
-    for file, i, row in rows:
-        try:
-            convert(row, spec, (file, i))
-        except DatasetRowError as exc:
-            errors.append(str(exc))
-    return len(rows), errors
+    examples, bad = read_dataset(spec, dataset_dir, None, kind=kind)
+    return len(examples) + len(bad), [str(exc) for exc in bad]
 
 
 def _sample(rows: list[Any], n: int) -> list[Any]:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from finetune_kit.data.conversations import Conversations
+from finetune_kit.data.conversations import Conversations, Example
+from finetune_kit.data.formats.common import stage_kind
 from finetune_kit.data.readers import check_dataset, read_dataset
 from finetune_kit.data.spec import DatasetSpec
-from finetune_kit.errors import ConfigError, DatasetError, did_you_mean
+from finetune_kit.errors import ConfigError, DatasetError, DatasetRowError, DatasetRowsError, did_you_mean
+
+logger = logging.getLogger("finetune_kit.data")
 
 
 @dataclass(frozen=True)
@@ -93,21 +97,48 @@ class DatasetRegistry:
             )
         return self.specs[name]
 
-    def load(self, names: str | Iterable[str], *, max_samples: int | None = None) -> Conversations:
+    def load(
+        self,
+        names: str | Iterable[str],
+        *,
+        max_samples: int | None = None,
+        stage: str = "sft",
+        skip_invalid: bool = False,
+    ) -> Conversations:
         """Read and check every row of the named datasets (comma-separated or a list).
 
-        A malformed row raises :class:`DatasetRowError` naming file, row and field; nothing is skipped.
+        ``stage`` says what each row must hold (LLaMA-Factory's stage: ``sft``, ``pt`` text,
+        ``dpo``/``rm`` preference pairs, ``kto`` tagged replies). Every bad row of every dataset
+        is reported in one :class:`DatasetRowsError` (file, row, field and fix each); with
+        ``skip_invalid=True`` they are dropped instead, and their count and places are logged.
         """
         wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
         wanted = [n for n in wanted if n]
         if not wanted:
             raise DatasetError("no dataset names given. Fix: dataset: name1,name2 (names from dataset_info.json)")
-        examples = []
+        kind = stage_kind(stage)
+        examples: list[Example] = []
+        bad: list[DatasetRowError] = []
         for name in wanted:
-            examples += read_dataset(self.spec(name), self.dataset_dir, max_samples)
-        return Conversations(tuple(examples), tuple(wanted))
+            good, errors = read_dataset(self.spec(name), self.dataset_dir, max_samples, kind=kind)
+            examples += good
+            bad += errors
+        if bad and not skip_invalid:
+            raise DatasetRowsError(bad)
+        if bad:
+            places = "; ".join(f"{exc.file}, row {exc.row}" for exc in bad[:10])
+            logger.warning(
+                "skip_invalid: dropped %d bad row(s) of %d: %s%s",
+                len(bad),
+                len(bad) + len(examples),
+                places,
+                " ..." if len(bad) > 10 else "",
+            )
+        if not examples:
+            raise DatasetError(f"no usable rows in {', '.join(wanted)}")
+        return Conversations(tuple(examples), tuple(wanted), skipped=len(bad))
 
-    def check(self, name: str) -> tuple[int, list[str]]:
+    def check(self, name: str, *, stage: str = "sft") -> tuple[int, list[str]]:
         """Check every row of one dataset without stopping at the first bad one.
 
         Returns the row count and one message per bad row (what ``data check`` prints). Hub
@@ -117,4 +148,4 @@ class DatasetRegistry:
 
             rows, problems = DatasetRegistry.from_dir("data").check("alpaca_zh_demo")
         """
-        return check_dataset(self.spec(name), self.dataset_dir)
+        return check_dataset(self.spec(name), self.dataset_dir, kind=stage_kind(stage))

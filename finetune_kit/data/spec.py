@@ -36,7 +36,7 @@ KNOWN_COLUMNS = set(COLUMN_DEFAULTS) | {
     "kto_tag",
 }
 """Every ``columns`` key LLaMA-Factory knows."""
-USED_COLUMNS = set(COLUMN_DEFAULTS) | {"history", "system"}
+USED_COLUMNS = set(COLUMN_DEFAULTS) | {"history", "system", "tools", "chosen", "rejected", "kto_tag"}
 """The ``columns`` keys finetune_kit reads; the rest of :data:`KNOWN_COLUMNS` is refused as not supported yet."""
 _SOURCES = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name")
 _UNSUPPORTED_SOURCES = ("om_hub_url", "script_url", "cloud_file_name")
@@ -57,9 +57,9 @@ _KEYS = set(_SOURCES) | {
 class DatasetSpec:
     """One dataset_info.json entry: where the rows are and how to read them.
 
-    Build it with :meth:`from_info`, which checks the entry. ``ranking`` and ``ms_hub_url`` are
-    checked there but not kept: preference data is refused, and ModelScope alone is refused
-    (next to ``hf_hub_url`` or ``file_name`` it is ignored).
+    Build it with :meth:`from_info`, which checks the entry. ``ms_hub_url`` is checked there but
+    not kept: ModelScope alone is refused (next to ``hf_hub_url`` or ``file_name`` it is ignored).
+    ``ranking`` marks preference data (chosen/rejected replies), which only preference training reads.
 
     Example::
 
@@ -78,6 +78,7 @@ class DatasetSpec:
     folder: str | None = None
     num_samples: int | None = None
     hf_hub_url: str | None = None
+    ranking: bool = False
 
     def column(self, key: str) -> str:
         """The row column behind a ``columns`` key, with LLaMA-Factory's default name."""
@@ -108,6 +109,7 @@ class DatasetSpec:
             folder=entry.get("folder"),
             num_samples=entry.get("num_samples"),
             hf_hub_url=entry.get("hf_hub_url"),
+            ranking=bool(entry.get("ranking", False)),
         )
 
 
@@ -125,15 +127,15 @@ def _problems(name: str, entry: Mapping[str, Any]) -> list[str]:
     if not isinstance(formatting, str) or formatting not in FORMATS:
         extra = f" (the {formatting} format is planned)" if formatting in PLANNED_FORMATS else ""
         problems.append(f"'{name}': formatting {formatting!r} is not supported{extra}; use {_either(sorted(FORMATS))}")
-    if entry.get("ranking"):
-        problems.append(f"'{name}': ranking (preference) datasets need DPO training, which is not supported yet")
+    if not isinstance(entry.get("ranking", False), bool):
+        problems.append(f"'{name}': ranking must be true or false, got {entry['ranking']!r}")
     columns = entry.get("columns", {}) or {}
     problems += [
         f"'{name}': unknown columns key '{k}'.{did_you_mean(k, KNOWN_COLUMNS)}"
         for k in sorted(set(columns) - KNOWN_COLUMNS)
     ]
     problems += [
-        f"'{name}': the '{k}' column (tools, media or preference data) is not supported yet; remove it from columns"
+        f"'{name}': the '{k}' column (images, videos, audios: multimodal data) is not supported; remove it from columns"
         for k in sorted(set(columns) & (KNOWN_COLUMNS - USED_COLUMNS))
     ]
     tags = entry.get("tags", {}) or {}

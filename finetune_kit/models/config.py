@@ -26,6 +26,14 @@ class ModelConfig(StageConfig):
         None, "Chat template name (chatml, qwen, llama3, smollm2, ...); none means the tokenizer's own."
     )
     default_system: str | None = option(None, "System prompt used when a conversation has none.")
+    tool_format: str | None = option(
+        None, "Tool-calling format (default, qwen, llama3, glm4, mistral); none means the template's own."
+    )
+    enable_thinking: bool = option(
+        True,
+        "Reasoning templates (qwen3): train an empty <think></think> when a reply has none (true), or put it "
+        "in the prompt and drop every thought from replies (false).",
+    )
     trust_remote_code: bool = option(False, "Allow model code from the hub (passed to transformers).")
     infer_dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
         "auto", "Weights dtype: auto keeps float32 on CPU and uses bf16 (or fp16) on a GPU."

@@ -120,8 +120,7 @@ class LoadedModel:
 
     def encode_prompt(self, messages: str | Sequence[Message], system: str | None = None) -> list[int]:
         """Token ids of the prompt for ``messages`` (a user string or a conversation)."""
-        text = self.render_prompt(decoding.as_messages(messages, system))
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.template.encode_prompt(self.tokenizer, decoding.as_messages(messages, system))
 
     def chat(
         self,

@@ -9,12 +9,15 @@ quantization and kernel patching are decided here and nowhere else.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from finetune_kit._artifacts import saved_template
-from finetune_kit.data.template import ChatTemplate, get_template
+from finetune_kit.data.template import ChatTemplate
+from finetune_kit.data.templates import get_template
+from finetune_kit.errors import FinetuneKitWarning
 from finetune_kit.models.adapters import apply_adapters
 from finetune_kit.models.bundled import BUNDLED
 from finetune_kit.models.loaded import LoadedModel
@@ -131,14 +134,13 @@ def load_tokenizer(source: ModelSource, path: Path, plan: LoadPlan) -> tuple[Any
 
     cfg = source.config
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, token=cfg.hf_hub_token)
-    template = get_template(plan.template, tokenizer, default_system=plan.default_system)
-    if template.stop_words:
-        first = template.stop_words[0]
-        tid = tokenizer.convert_tokens_to_ids(first)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tokenizer.eos_token != first:
-            tokenizer.eos_token = first  # like LLaMA-Factory's replace_eos: replies end with the stop word
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    template = get_template(plan.template, tokenizer, default_system=plan.default_system).with_options(
+        tool_format=cfg.tool_format, enable_thinking=cfg.enable_thinking
+    )
+    mismatch = template.check_against(tokenizer)
+    if mismatch:
+        warnings.warn(mismatch, FinetuneKitWarning, stacklevel=3)
+    template.fit_tokenizer(tokenizer)  # LLaMA-Factory's fix-up: EOS = the template's stop word, pad set
     return tokenizer, template
 
 

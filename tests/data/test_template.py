@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from finetune_kit.data.template import TEMPLATES, get_template
+from finetune_kit.data.templates import TEMPLATES, get_template
 from finetune_kit.errors import TemplateError
 
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -133,12 +133,18 @@ def test_jinja_renders_exactly_the_segments(tok, render, name, conv):
 
 
 @pytest.mark.parametrize("name", ["chatml", "qwen", "llama3"])
-def test_jinja_generation_prompt_after_a_full_conversation(tok, render, name):
+def test_jinja_user_turns_carry_the_reply_header_as_llamafactory_writes_them(tok, render, name):
     t = get_template(name)
-    with_prompt = render(t.jinja(), MULTI, gen=True)
-    without = render(t.jinja(), MULTI, gen=False)
-    assert without == "".join(text for text, _ in t.segments(MULTI, tok))
-    assert with_prompt == without + t.assistant_prefix
+    question = MULTI[:-1]
+    assert render(t.jinja(), question, gen=True) == render(t.jinja(), question, gen=False) == t.prompt(question, tok)
+    assert render(t.jinja(), MULTI, gen=False) == "".join(text for text, _ in t.segments(MULTI, tok))
+
+
+def test_jinja_of_qwen3_without_thinking_ends_the_prompt_with_an_empty_thought(tok, render):
+    t = get_template("qwen3").with_options(enable_thinking=False)
+    rendered = render(t.jinja(), QUESTION, gen=True)
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert rendered == t.prompt(QUESTION, tok)
 
 
 def test_jinja_keeps_an_overridden_default_system_with_quotes(tok, render):

@@ -6,7 +6,7 @@ import pytest
 
 from finetune_kit.data.conversations import Conversations, Example
 from finetune_kit.data.registry import DatasetRegistry
-from finetune_kit.data.template import get_template
+from finetune_kit.data.templates import get_template
 from finetune_kit.data.tokenize import IGNORE_INDEX, encode_conversation, infer_seqlen, tokenize
 
 MULTI = [

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from finetune_kit.data.formats.common import ensure_row_object, text_field
+from finetune_kit.data.conversations import Example
+from finetune_kit.data.formats.common import ensure_row_object, kto_field, text_field, tools_field
 from finetune_kit.data.messages import Message
 from finetune_kit.errors import DatasetRowError
 
@@ -12,11 +13,12 @@ if TYPE_CHECKING:  # for annotations only: spec.py imports the format registry (
     from finetune_kit.data.spec import DatasetSpec
 
 
-def to_messages(row: Any, spec: DatasetSpec, where: tuple[str, int]) -> list[Message]:
-    """Turn one alpaca row into chat messages.
+def to_example(row: Any, spec: DatasetSpec, where: tuple[str, int], kind: str = "sft") -> Example:
+    """Turn one alpaca row into an :class:`Example` for ``kind`` (see ``formats.common.KINDS``).
 
     The user turn is ``instruction`` and ``input`` joined by a newline (LLaMA-Factory's rule);
-    ``history`` pairs come first and their replies are trained too.
+    ``history`` pairs come first and their replies are trained too. Pre-training text needs no
+    reply; preference rows take their replies from the ``chosen``/``rejected`` columns.
     """
     row = ensure_row_object(row, where)
     cols = spec.column
@@ -31,7 +33,6 @@ def to_messages(row: Any, spec: DatasetSpec, where: tuple[str, int]) -> list[Mes
             problem=f"both '{cols('prompt')}' and '{cols('query')}' are empty",
             fix="give the row an instruction, or remove it",
         )
-    response = text_field(row, cols("response"), where, required=True, key="response")
     messages: list[Message] = []
     system_col = spec.columns.get("system")
     if system_col:
@@ -59,5 +60,16 @@ def to_messages(row: Any, spec: DatasetSpec, where: tuple[str, int]) -> list[Mes
                     fix='write each history item as ["question", "answer"]',
                 )
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return messages
+    messages.append({"role": "user", "content": prompt})
+    source, tools = f"{where[0]}, row {where[1]}", tools_field(row, spec, where)
+    if kind == "text":
+        return Example(tuple(messages), source, tools)
+    if kind == "pairwise":
+        chosen = text_field(row, cols("chosen"), where, required=True, key="chosen")
+        rejected = text_field(row, cols("rejected"), where, required=True, key="rejected")
+        messages.append({"role": "assistant", "content": chosen})
+        return Example(tuple(messages), source, tools, rejected={"role": "assistant", "content": rejected})
+    response = text_field(row, cols("response"), where, required=True, key="response")
+    messages.append({"role": "assistant", "content": response})
+    tag = kto_field(row, spec, where) if kind == "kto" else None
+    return Example(tuple(messages), source, tools, kto_tag=tag)
