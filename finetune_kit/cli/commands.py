@@ -104,8 +104,17 @@ def data(argv: Sequence[str]) -> int:
     rest = list(argv[1:])
     if rest and not rest[0].startswith("-") and "=" not in rest[0] and Path(rest[0]).is_dir():
         rest = [f"dataset_dir={rest[0]}", *rest[1:]]
-    cfg = _parse(rest, COMMANDS["data"])
-    return 0 if cfg is None else run_data_check(cfg[DataConfig])
+    command = COMMANDS["data"]
+    if "-h" in rest or "--help" in rest:
+        _parse(rest, command)
+        return 0
+    values = collect(rest)
+    # A training YAML checks as it trains, but RunConfig refuses a config with nothing to do and a
+    # data check needs no do_train: the run keys are checked when given, not required.
+    run_keys = set(RunConfig.field_names()) & values.keys()
+    sections = tuple(s for s in command.sections if s is not RunConfig or run_keys)
+    cfg = build(values, sections, checks=command.checks)
+    return run_data_check(cfg[DataConfig], cfg[ModelConfig], cfg[EncodingConfig])
 
 
 @dataclass(frozen=True)
@@ -168,10 +177,19 @@ COMMANDS: dict[str, Command] = {
         (QuickstartConfig,),
     ),
     "data": Command(
-        "data check DATASET_DIR [--dataset a,b]",
-        "check every row of the datasets in a dataset_dir",
+        "data check CONFIG.yaml | DATASET_DIR [--dataset a,b] [key=value ...]",
+        "check every row; with a model, token lengths, truncation and a histogram",
         data,
-        (DataConfig,),
+        (
+            ModelConfig,
+            DataConfig,
+            EncodingConfig,
+            RunConfig,
+            LoraConfig,
+            TrainingConfig,
+            GenerationConfig,
+            PredictConfig,
+        ),
     ),
     "version": Command("version", "print the version", version),
 }

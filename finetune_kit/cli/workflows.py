@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
+from finetune_kit._fs import write_json
+from finetune_kit._version import __version__
 from finetune_kit.config.parse import Built
 from finetune_kit.config.run import RunConfig
 from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.data.registry import DatasetRegistry
+from finetune_kit.data.report import REPORT_JSON, REPORT_PLOT, DataReport, build_report, check_rows
 from finetune_kit.errors import ConfigError
 from finetune_kit.evaluate.config import PredictConfig
 from finetune_kit.evaluate.evaluator import Evaluator
@@ -16,6 +20,7 @@ from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.engine import Completion
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.models.loaded import LoadedModel
+from finetune_kit.models.loader import load_tokenizer
 from finetune_kit.models.source import ModelSource
 from finetune_kit.train.config import LoraConfig, TrainingConfig
 from finetune_kit.train.trainer import LoraTrainer
@@ -139,24 +144,55 @@ def run_chat(model_cfg: ModelConfig, generation: GenerationConfig) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
-def run_data_check(data: DataConfig) -> int:
+def run_data_check(
+    data: DataConfig,
+    model_cfg: ModelConfig | None = None,
+    encoding: EncodingConfig | None = None,
+    *,
+    report_dir: str | os.PathLike[str] = ".",
+) -> int:
+    """``finetune-kit data check``: rows and bad rows; with a model, token lengths too (and the report files).
+
+    Without ``model_name_or_path`` (the ``DATASET_DIR`` form) only rows are checked. With one, only
+    its tokenizer is loaded and :data:`REPORT_PLOT` and :data:`REPORT_JSON` are written to
+    ``report_dir`` (not to ``output_dir``: training refuses a non-empty ``output_dir``).
+    Returns the exit status: 1 when any row is bad.
+    """
     registry = DatasetRegistry.from_dir(data.dataset_dir)
-    names = list(data.dataset) if data.dataset else registry.names
-    bad = 0
-    for name in names:
-        rows, errors = registry.check(name)
-        status = "ok" if not errors else f"{len(errors)} bad rows"
-        print(f"{name}: {rows} rows, {status}")
-        for err in errors[:50]:
-            print(f"  {err}")
-        if len(errors) > 50:
-            print(f"  ... and {len(errors) - 50} more")
-        bad += len(errors)
-    if bad:
+    names = list(dict.fromkeys([*(data.dataset or ()), *(data.eval_dataset or ())])) or registry.names
+    if model_cfg is None or not model_cfg.model_name_or_path:
+        report = check_rows(registry, names)
+        print(report.format())
+    else:
+        source = ModelSource.from_config(model_cfg)
+        tokenizer, template = load_tokenizer(source, source.resolve(), source.plan())
+        enc = encoding or EncodingConfig()
+        report = build_report(
+            registry,
+            names,
+            tokenizer,
+            template,
+            cutoff_len=enc.cutoff_len,
+            train_on_prompt=enc.train_on_prompt,
+            mask_history=enc.mask_history,
+            max_samples=data.max_samples,
+        )
+        print(f"Token lengths with the tokenizer of {source.display_name}:\n{report.format()}")
+        _write_report(report, Path(report_dir), source.display_name)
+    if report.bad_count:
         print(
-            f"\n{bad} rows need fixing; nothing was skipped silently: training refuses these files until fixed.",
+            f"\n{report.bad_count} rows need fixing; nothing was skipped silently: training refuses these files "
+            "until fixed.",
             file=sys.stderr,
         )
         return 1
     print("\nall rows are valid")
     return 0
+
+
+def _write_report(report: DataReport, folder: Path, model: str) -> None:
+    record = {"finetune_kit_version": __version__, "model": model, **report.to_dict()}
+    write_json(folder / REPORT_JSON, record)
+    print(f"\nReport: {folder / REPORT_JSON}")
+    if report.measured:
+        print(f"Length histogram: {report.histogram(folder / REPORT_PLOT)}")

@@ -10,7 +10,7 @@ from typing import Any
 
 from finetune_kit.data.conversations import Example
 from finetune_kit.data.formats import FORMATS
-from finetune_kit.data.formats.common import check_ranking
+from finetune_kit.data.formats.common import KINDS, check_ranking
 from finetune_kit.data.spec import DatasetSpec
 from finetune_kit.errors import DatasetError, DatasetRowError
 
@@ -18,23 +18,31 @@ FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "par
 
 
 def read_dataset(
-    spec: DatasetSpec, dataset_dir: Path, max_samples: int | None, *, kind: str = "sft"
+    spec: DatasetSpec, dataset_dir: Path, max_samples: int | None, *, kind: str = "sft", sample: bool = True
 ) -> tuple[list[Example], list[DatasetRowError]]:
     """Read, convert and check the rows of one dataset (first ``max_samples`` rows if given).
 
     Returns the good examples and an error for every bad row: nothing is dropped silently, the
     caller decides. A relative ``file_name`` is read from ``dataset_dir``; without one, rows come
     from ``hf_hub_url``. ``num_samples`` is applied before ``max_samples``, as in LLaMA-Factory.
-    ``kind`` is what the training stage needs of a row (``formats.common.KINDS``).
+    ``kind`` is what the training stage needs of a row (``formats.common.KINDS``); ``sample=False``
+    reads every row once, ignoring ``num_samples`` (for checking a file).
     """
+    if kind not in set(KINDS.values()):
+        raise DatasetError(f"unknown row kind {kind!r}; expected one of {', '.join(sorted(set(KINDS.values())))}")
     check_ranking(spec, kind)
+    if kind == "kto" and not spec.columns.get("kto_tag"):
+        raise DatasetError(
+            f"dataset '{spec.name}': KTO training needs a desirable/undesirable tag per row, but its entry maps no "
+            'kto_tag column. Fix: add "columns": {"kto_tag": "<your bool column>"} to dataset_info.json'
+        )
     convert = FORMATS[spec.formatting]
     if spec.file_name:
         path = Path(spec.file_name)
         rows = read_rows(path if path.is_absolute() else dataset_dir / path)
     else:
         rows = _read_hub(spec)
-    if spec.num_samples is not None:
+    if spec.num_samples is not None and sample:
         rows = _sample(rows, spec.num_samples)
     if max_samples is not None:
         rows = rows[:max_samples]
@@ -56,7 +64,7 @@ def check_dataset(spec: DatasetSpec, dataset_dir: Path, *, kind: str = "sft") ->
     """
     if not spec.file_name:
         return 0, []
-    examples, bad = read_dataset(spec, dataset_dir, None, kind=kind)
+    examples, bad = read_dataset(spec, dataset_dir, None, kind=kind, sample=False)
     return len(examples) + len(bad), [str(exc) for exc in bad]
 
 

@@ -8,12 +8,17 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from finetune_kit.data.conversations import Conversations, Example
 from finetune_kit.data.formats.common import stage_kind
 from finetune_kit.data.readers import check_dataset, read_dataset
+from finetune_kit.data.report import DataReport, build_report
 from finetune_kit.data.spec import DatasetSpec
 from finetune_kit.errors import ConfigError, DatasetError, DatasetRowError, DatasetRowsError, did_you_mean
+
+if TYPE_CHECKING:
+    from finetune_kit.data.template import ChatTemplate
 
 logger = logging.getLogger("finetune_kit.data")
 
@@ -137,6 +142,36 @@ class DatasetRegistry:
         if not examples:
             raise DatasetError(f"no usable rows in {', '.join(wanted)}")
         return Conversations(tuple(examples), tuple(wanted), skipped=len(bad))
+
+    def report(
+        self,
+        names: str | Iterable[str],
+        tokenizer: Any,
+        template: ChatTemplate,
+        *,
+        cutoff_len: int,
+        train_on_prompt: bool = False,
+        mask_history: bool = False,
+        max_samples: int | None = None,
+    ) -> DataReport:
+        """Rows, bad rows, token-length percentiles, truncation and trained share of each dataset.
+
+        Example::
+
+            report = registry.report("shop_alpaca", tokenizer, get_template("chatml"), cutoff_len=256)
+            print(report)
+            report.histogram("lengths.png")
+        """
+        return build_report(
+            self,
+            names,
+            tokenizer,
+            template,
+            cutoff_len=cutoff_len,
+            train_on_prompt=train_on_prompt,
+            mask_history=mask_history,
+            max_samples=max_samples,
+        )
 
     def check(self, name: str, *, stage: str = "sft") -> tuple[int, list[str]]:
         """Check every row of one dataset without stopping at the first bad one.

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from finetune_kit.data.registry import DatasetRegistry
-from finetune_kit.errors import DatasetError, DatasetRowError
+from finetune_kit.errors import DatasetError, DatasetRowError, DatasetRowsError
 
 GOOD = {"instruction": "Say hi", "input": "", "output": "hi"}
 
@@ -29,13 +30,17 @@ def load(tmp_path: Path, rows: list | str, *, formatting: str = "alpaca", suffix
 
 
 def row_error(tmp_path: Path, rows, **kwargs) -> DatasetRowError:
-    with pytest.raises(DatasetRowError) as err:
+    """Load ``rows`` that hold exactly one bad row; return that row's error."""
+    with pytest.raises(DatasetRowsError) as err:
         load(tmp_path, rows, **kwargs)
-    exc = err.value
+    assert len(err.value.rows) == 1, str(err.value)
+    exc = err.value.rows[0]
     suffix = kwargs.get("suffix", ".json")
     assert exc.file == str(tmp_path / f"data{suffix}")
     assert str(exc).startswith(f"{exc.file}, row {exc.row}, field '{exc.field}': ")
     assert "Fix: " in str(exc)
+    assert (err.value.file, err.value.row, err.value.field) == (exc.file, exc.row, exc.field)
+    assert f"  - {exc}\n" in str(err.value)  # the load error shows the row's own message
     return exc
 
 
@@ -216,11 +221,26 @@ def test_sharegpt_bad_alternation(tmp_path):
 def test_sharegpt_bad_alternation_counts_turns_after_the_system(tmp_path):
     bad = {"conversations": [turn("system", "s"), turn("human", "a"), turn("gpt", "b"), turn("gpt", "c")]}
     exc = row_error(tmp_path, [bad], formatting="sharegpt")
-    assert str(exc) == (
-        f"{exc.file}, row 0, field 'conversations': turn 2 is from the assistant but the user was "
-        "expected (turns must alternate user, assistant, ...). Fix: fix the order of the messages or "
-        "remove the row"
+    # the article ("a"/"an") is left to test_sharegpt_turn_order_message_uses_the_right_article
+    message = re.sub(r"\bis an? ", "is a(n) ", str(exc))
+    assert message == (
+        f"{exc.file}, row 0, field 'conversations': turn 2 is a(n) assistant message but a user one was "
+        "expected (turns alternate user or observation, then assistant or function call). Fix: fix the "
+        "order of the messages or remove the row"
     )
+
+
+@pytest.mark.parametrize(
+    ("turns", "wanted"),
+    [
+        ([turn("human", "a"), turn("gpt", "b"), turn("gpt", "c")], "turn 2 is an assistant message"),
+        ([turn("observation", "r"), turn("observation", "r")], "turn 1 is an observation message"),
+        ([turn("human", "a"), turn("human", "b"), turn("gpt", "c")], "turn 1 is a user message"),
+    ],
+)
+def test_sharegpt_turn_order_message_uses_the_right_article(tmp_path, turns, wanted):
+    exc = row_error(tmp_path, [{"conversations": turns}], formatting="sharegpt")
+    assert wanted in str(exc)
 
 
 def test_sharegpt_ending_with_the_human(tmp_path):
@@ -235,16 +255,52 @@ def test_sharegpt_unknown_role_tag(tmp_path):
     exc = row_error(tmp_path, [bad], formatting="sharegpt")
     assert exc.field == "conversations[1].from"
     assert "unknown role tag 'bot'" in str(exc)
-    assert "['gpt', 'human', 'system']" in str(exc)
+    assert "['function_call', 'gpt', 'human', 'observation', 'system']" in str(exc)
 
 
-def test_sharegpt_tool_messages_are_refused_not_skipped(tmp_path):
-    bad = {
-        "conversations": [turn("human", "a"), turn("function_call", "{}"), turn("observation", "x"), turn("gpt", "b")]
+def test_sharegpt_tool_messages_take_the_user_and_assistant_places(tmp_path):
+    call = json.dumps({"name": "lookup", "arguments": {"order": 7}})
+    row = {
+        "conversations": [
+            turn("human", "Where is order 7?"),
+            turn("function_call", call),
+            turn("observation", '{"status": "shipped"}'),
+            turn("gpt", "It has shipped."),
+        ]
     }
-    exc = row_error(tmp_path, [bad], formatting="sharegpt")
-    assert exc.field == "conversations[1].from"
-    assert "not supported" in str(exc)
+    conv = load(tmp_path, [row], formatting="sharegpt")
+    assert conv[0].messages == (
+        {"role": "user", "content": "Where is order 7?"},
+        {"role": "function", "content": call},
+        {"role": "observation", "content": '{"status": "shipped"}'},
+        {"role": "assistant", "content": "It has shipped."},
+    )
+    assert conv[0].label == "It has shipped."
+
+
+def test_sharegpt_function_call_may_be_the_reply_trained_on(tmp_path):
+    row = {"conversations": [turn("human", "Where is order 7?"), turn("function_call", '{"name": "lookup"}')]}
+    conv = load(tmp_path, [row], formatting="sharegpt")
+    assert conv[0].messages[-1] == {"role": "function", "content": '{"name": "lookup"}'}
+
+
+@pytest.mark.parametrize(
+    ("turns", "problem"),
+    [
+        ([turn("function_call", "{}"), turn("gpt", "b")], "turn 0 is a"),  # a call where a question goes
+        ([turn("human", "a"), turn("observation", "x")], "turn 1 is a"),  # a result where a reply goes
+    ],
+)
+def test_sharegpt_tool_messages_out_of_place(tmp_path, turns, problem):
+    exc = row_error(tmp_path, [{"conversations": turns}], formatting="sharegpt")
+    assert exc.field == "conversations"
+    assert problem in str(exc) and "alternate" in str(exc)
+
+
+def test_sharegpt_tool_tags_follow_the_tags_mapping(tmp_path):
+    row = {"conversations": [turn("human", "a"), turn("call", "{}"), turn("result", "x"), turn("gpt", "b")]}
+    conv = load(tmp_path, [row], formatting="sharegpt", tags={"function_tag": "call", "observation_tag": "result"})
+    assert [m["role"] for m in conv[0].messages] == ["user", "function", "observation", "assistant"]
 
 
 def test_sharegpt_missing_column_and_bad_content(tmp_path):
@@ -261,3 +317,18 @@ def test_sharegpt_late_system_message(tmp_path):
     exc = row_error(tmp_path, [bad], formatting="sharegpt")
     assert exc.field == "conversations[1]"
     assert "only come first" in str(exc)
+
+
+def test_sharegpt_system_message_alone_is_a_row_error(tmp_path):
+    """Nothing to train on; it must be a row error (file, row, fix), not a crash."""
+    exc = row_error(tmp_path, [{"conversations": [turn("system", "Be brief.")]}], formatting="sharegpt")
+    assert exc.field == "conversations"
+    assert "no turns besides the system message" in str(exc)
+
+
+def test_every_bad_row_of_the_file_is_reported_at_once(tmp_path):
+    rows = [GOOD, {"instruction": "q"}, GOOD, {"instruction": "q", "output": 1}, "not a row"]
+    with pytest.raises(DatasetRowsError) as err:
+        load(tmp_path, rows)
+    assert [(e.row, e.field) for e in err.value.rows] == [(1, "output"), (3, "output"), (4, "<row>")]
+    assert str(err.value).startswith(f"3 bad rows in {tmp_path / 'data.json'}:\n")

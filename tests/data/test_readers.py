@@ -26,6 +26,13 @@ def labels(examples: list[Example]) -> list[str]:
     return [ex.label for ex in examples]
 
 
+def read_clean(spec: DatasetSpec, dataset_dir: Path, max_samples: int | None) -> list[Example]:
+    """``read_dataset`` on data without bad rows: its examples, checking that no row was refused."""
+    examples, bad = read_dataset(spec, dataset_dir, max_samples)
+    assert bad == []
+    return examples
+
+
 @pytest.fixture()
 def rows_dir(tmp_path: Path) -> Path:
     (tmp_path / "rows.json").write_text(json.dumps(ROWS), encoding="utf-8")
@@ -34,7 +41,8 @@ def rows_dir(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- read_dataset
 def test_read_dataset_converts_every_row_and_names_its_source(rows_dir):
-    examples = read_dataset(spec(), rows_dir, None)
+    examples, bad = read_dataset(spec(), rows_dir, None)
+    assert bad == []
     assert all(isinstance(ex, Example) for ex in examples)
     assert labels(examples) == [f"answer {i}" for i in range(6)]
     assert examples[2].source == f"{rows_dir / 'rows.json'}, row 2"
@@ -45,24 +53,24 @@ def test_read_dataset_converts_every_row_and_names_its_source(rows_dir):
 
 
 def test_read_dataset_max_samples_keeps_the_first_rows(rows_dir):
-    assert labels(read_dataset(spec(), rows_dir, 2)) == ["answer 0", "answer 1"]
-    assert len(read_dataset(spec(), rows_dir, 100)) == 6
+    assert labels(read_clean(spec(), rows_dir, 2)) == ["answer 0", "answer 1"]
+    assert len(read_clean(spec(), rows_dir, 100)) == 6
 
 
 def test_read_dataset_absolute_file_name_ignores_dataset_dir(rows_dir, tmp_path_factory):
     elsewhere = tmp_path_factory.mktemp("elsewhere")
-    examples = read_dataset(spec(file_name=str(rows_dir / "rows.json")), elsewhere, None)
+    examples = read_clean(spec(file_name=str(rows_dir / "rows.json")), elsewhere, None)
     assert len(examples) == 6
 
 
 def test_read_dataset_num_samples_is_llamafactorys_seeded_sample(rows_dir):
     rows = list(range(6))
-    fewer = labels(read_dataset(spec(num_samples=4), rows_dir, None))
+    fewer = labels(read_clean(spec(num_samples=4), rows_dir, None))
     assert fewer == [f"answer {i}" for i in random.Random(0).sample(rows, 4)]
     rng = random.Random(0)
-    more = labels(read_dataset(spec(num_samples=9), rows_dir, None))
+    more = labels(read_clean(spec(num_samples=9), rows_dir, None))
     assert more == [f"answer {i}" for i in rows + [rng.choice(rows) for _ in range(3)]]
-    assert labels(read_dataset(spec(num_samples=4), rows_dir, 2)) == fewer[:2]  # sample, then truncate
+    assert labels(read_clean(spec(num_samples=4), rows_dir, 2)) == fewer[:2]  # sample, then truncate
 
 
 def test_read_dataset_with_no_rows_is_an_error(tmp_path):
@@ -71,11 +79,37 @@ def test_read_dataset_with_no_rows_is_an_error(tmp_path):
         read_dataset(spec(), tmp_path, None)
 
 
-def test_read_dataset_stops_at_the_first_bad_row(tmp_path):
-    (tmp_path / "rows.json").write_text(json.dumps([GOOD, {"instruction": "q"}, {"output": 1}]))
-    with pytest.raises(DatasetRowError) as err:
-        read_dataset(spec(), tmp_path, None)
-    assert (err.value.row, err.value.field) == (1, "output")
+def test_read_dataset_returns_the_good_rows_and_an_error_for_every_bad_one(tmp_path):
+    rows = [GOOD, {"instruction": "q"}, {"output": 1}, {**GOOD, "output": "bye"}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    examples, bad = read_dataset(spec(), tmp_path, None)
+    assert labels(examples) == ["hi", "bye"]
+    assert all(isinstance(exc, DatasetRowError) for exc in bad)
+    assert [(exc.file, exc.row, exc.field) for exc in bad] == [
+        (str(tmp_path / "rows.json"), 1, "output"),
+        (str(tmp_path / "rows.json"), 2, "instruction"),
+    ]
+
+
+def test_read_dataset_bad_rows_count_against_max_samples(tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps([GOOD, {"instruction": "q"}, GOOD, {"instruction": "q"}]))
+    examples, bad = read_dataset(spec(), tmp_path, 2)
+    assert len(examples) == 1 and [exc.row for exc in bad] == [1]  # the first 2 rows, not 2 good ones
+
+
+def test_read_dataset_kind_sets_what_a_row_must_hold(tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps([{"instruction": "Some text."}]))
+    examples, bad = read_dataset(spec(), tmp_path, None, kind="text")
+    assert bad == [] and examples[0].text == "Some text."
+    examples, bad = read_dataset(spec(), tmp_path, None)  # sft: the reply is missing
+    assert examples == [] and [exc.field for exc in bad] == ["output"]
+
+
+def test_read_dataset_refuses_preference_data_for_other_stages(rows_dir):
+    with pytest.raises(DatasetError, match="preference data.*stage: dpo or rm"):
+        read_dataset(spec(ranking=True), rows_dir, None)
+    with pytest.raises(DatasetError, match="not preference data"):
+        read_dataset(spec(), rows_dir, None, kind="pairwise")
 
 
 def test_read_dataset_from_the_hub_passes_subset_folder_and_split(monkeypatch, tmp_path):
@@ -89,7 +123,7 @@ def test_read_dataset_from_the_hub_passes_subset_folder_and_split(monkeypatch, t
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     hub = DatasetSpec.from_info("h", {"hf_hub_url": "org/rows", "subset": "zh", "folder": "v1", "split": "test"})
-    examples = read_dataset(hub, tmp_path, None)
+    examples = read_clean(hub, tmp_path, None)
     assert calls == [("org/rows", {"name": "zh", "data_dir": "v1", "split": "test"})]
     assert labels(examples) == ["answer 0", "answer 1", "answer 2"]
     assert examples[1].source == "org/rows, row 1"
@@ -132,6 +166,21 @@ def test_check_dataset_on_clean_data_finds_nothing():
 
 def test_check_dataset_reads_every_row_despite_num_samples(rows_dir):
     assert check_dataset(spec(num_samples=2), rows_dir) == (6, [])
+
+
+def test_check_dataset_reports_each_bad_row_once_despite_num_samples(tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps([GOOD, {"instruction": "q"}]))
+    count, problems = check_dataset(spec(num_samples=8), tmp_path)  # oversampling repeats rows when loading
+    assert count == 2
+    assert [p.split(", field")[0] for p in problems] == [f"{tmp_path / 'rows.json'}, row 1"]
+
+
+def test_check_dataset_kind_sets_what_a_row_must_hold(tmp_path):
+    pairs = [{"instruction": "q", "chosen": "good", "rejected": "bad"}, {"instruction": "q", "chosen": "good"}]
+    (tmp_path / "rows.json").write_text(json.dumps(pairs))
+    count, problems = check_dataset(spec(ranking=True), tmp_path, kind="pairwise")
+    assert count == 2
+    assert [p.split(": ")[0] for p in problems] == [f"{tmp_path / 'rows.json'}, row 1, field 'rejected'"]
 
 
 def test_check_dataset_leaves_hub_datasets_to_load_time(monkeypatch, tmp_path):

@@ -211,8 +211,10 @@ def test_register_relative_file_name_and_validation(tmp_path):
     (tmp_path / "extra.json").write_text(json.dumps(ROWS))
     registry = DatasetRegistry(dataset_dir=tmp_path).register("rel", "extra.json")
     assert len(registry.load("rel")) == 6
-    with pytest.raises(ConfigError, match="formatting 'openai'"):
-        registry.register("bad", "extra.json", formatting="openai")
+    with pytest.raises(ConfigError, match="formatting 'xml' is not supported"):
+        registry.register("bad", "extra.json", formatting="xml")
+    with pytest.raises(ConfigError, match="unknown columns key 'promt'"):
+        registry.register("bad", "extra.json", columns={"promt": "q"})
 
 
 def test_dataset_info_problems_are_reported_together(tmp_path):
@@ -222,7 +224,8 @@ def test_dataset_info_problems_are_reported_together(tmp_path):
             "good": {"file_name": "a.json"},
             "typo": {"file_name": "a.json", "colums": {"prompt": "q"}},
             "fmt": {"file_name": "a.json", "formatting": "xml"},
-            "ranked": {"file_name": "a.json", "ranking": True},
+            "ranked": {"file_name": "a.json", "ranking": "yes"},
+            "preference": {"file_name": "a.json", "ranking": True, "columns": {"chosen": "c", "rejected": "r"}},
             "nowhere": {"formatting": "alpaca"},
             "badcols": {"file_name": "a.json", "columns": {"promt": "q"}, "tags": {"roletag": "r"}},
         },
@@ -235,7 +238,8 @@ def test_dataset_info_problems_are_reported_together(tmp_path):
     assert str(tmp_path / "dataset_info.json") in text
     assert "'typo': unknown key 'colums'. Did you mean 'columns'?" in problems
     assert any("'fmt'" in p and "'xml'" in p for p in problems)
-    assert any("'ranked'" in p and "ranking" in p for p in problems)
+    assert "'ranked': ranking must be true or false, got 'yes'" in problems
+    assert not any("'preference'" in p for p in problems)  # preference data is accepted now
     assert any("'nowhere'" in p and "no file_name" in p for p in problems)
     assert "'badcols': unknown columns key 'promt'. Did you mean 'prompt'?" in problems
     assert "'badcols': unknown tags key 'roletag'. Did you mean 'role_tag'?" in problems
@@ -267,6 +271,26 @@ def test_check_counts_rows_and_lists_every_bad_one(tmp_path):
     assert registry.check("hub") == (0, [])  # hub rows are checked when loaded
     with pytest.raises(DatasetError, match="Did you mean 'clean'"):
         registry.check("claen")
+
+
+def test_load_and_check_read_rows_for_the_stage(tmp_path):
+    pairs = [{"instruction": "q", "chosen": "good", "rejected": "bad"}, {"instruction": "q", "chosen": "good"}]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    write_info(tmp_path, {"pairs": {"file_name": "pairs.json", "ranking": True}, "rows": {"file_name": "rows.json"}})
+    registry = DatasetRegistry.from_dir(tmp_path)
+    count, problems = registry.check("pairs", stage="dpo")
+    assert count == 2 and [p.split(": ")[0] for p in problems] == [
+        f"{tmp_path / 'pairs.json'}, row 1, field 'rejected'"
+    ]
+    assert registry.load("rows", stage="pt")[0].text == "question 0"
+    assert registry.load("rows", stage="ppo")[0].label == "answer 0"  # ppo reads supervised rows
+    with pytest.raises(DatasetError, match="preference data.*stage: dpo or rm"):
+        registry.check("pairs")
+    with pytest.raises(DatasetError, match="'rows' is not preference data"):
+        registry.load("rows", stage="rm")
+    with pytest.raises(DatasetError, match="unknown stage 'dop'; expected one of pt, sft, ppo, rm, dpo, kto"):
+        registry.load("rows", stage="dop")
 
 
 def test_check_on_the_demo_finds_nothing():

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune_kit.data.formats import FORMATS
+from finetune_kit.data import spec as spec_module
+from finetune_kit.data.conversations import Example
+from finetune_kit.data.formats import FORMATS, PLANNED_FORMATS
 from finetune_kit.data.registry import DatasetRegistry
 from finetune_kit.data.spec import COLUMN_DEFAULTS, TAG_DEFAULTS, DatasetSpec
 from finetune_kit.errors import ConfigError
@@ -61,7 +63,7 @@ def test_every_problem_of_one_entry_is_reported_together():
         {
             "script_url": "x.py",
             "formatting": "xml",
-            "ranking": True,
+            "ranking": 1,
             "colums": {},
             "columns": {"promt": "q", "images": "img"},
             "tags": {"roletag": "r"},
@@ -70,12 +72,23 @@ def test_every_problem_of_one_entry_is_reported_together():
     assert found == [
         "'d': unknown key 'colums'. Did you mean 'columns'?",
         "'d': 'script_url' datasets are not supported yet; download the file and use file_name",
-        "'d': formatting 'xml' is not supported; use alpaca or sharegpt",
-        "'d': ranking (preference) datasets need DPO training, which is not supported yet",
+        "'d': formatting 'xml' is not supported; use alpaca, openai or sharegpt",
+        "'d': ranking must be true or false, got 1",
         "'d': unknown columns key 'promt'. Did you mean 'prompt'?",
-        "'d': the 'images' column (tools, media or preference data) is not supported yet; remove it from columns",
+        "'d': the 'images' column (images, videos, audios: multimodal data) is not supported; remove it from columns",
         "'d': unknown tags key 'roletag'. Did you mean 'role_tag'?",
     ]
+
+
+def test_tool_and_preference_columns_are_kept_and_media_columns_refused():
+    columns = {"tools": "fns", "chosen": "good", "rejected": "bad", "kto_tag": "label"}
+    spec = DatasetSpec.from_info("d", {"file_name": "d.json", "columns": columns})
+    assert {k: spec.column(k) for k in columns} == columns
+    for key in ("images", "videos", "audios"):
+        assert problems({"file_name": "d.json", "columns": {key: "x"}}) == [
+            f"'d': the '{key}' column (images, videos, audios: multimodal data) is not supported; "
+            "remove it from columns"
+        ]
 
 
 def test_the_error_names_where_the_entry_came_from():
@@ -93,29 +106,35 @@ def test_an_entry_that_is_not_an_object():
 
 # ---------------------------------------------------------------------------------------------- formatting
 def test_formatting_names_come_from_the_format_registry():
-    assert set(FORMATS) == {"alpaca", "sharegpt"}
+    assert set(FORMATS) == {"alpaca", "sharegpt", "openai"}
+    assert PLANNED_FORMATS == ()
     for name in FORMATS:
         assert DatasetSpec.from_info("d", {"file_name": "d.json", "formatting": name}).formatting == name
 
 
-def test_unknown_formatting_lists_the_registered_names():
+def test_unknown_formatting_lists_the_registered_names(monkeypatch):
     assert problems({"file_name": "d.json", "formatting": "xml"}) == [
-        "'d': formatting 'xml' is not supported; use alpaca or sharegpt"
-    ]
-    assert problems({"file_name": "d.json", "formatting": "openai"}) == [
-        "'d': formatting 'openai' is not supported (the openai format is planned); use alpaca or sharegpt"
+        "'d': formatting 'xml' is not supported; use alpaca, openai or sharegpt"
     ]
     assert problems({"file_name": "d.json", "formatting": ["alpaca"]}) == [
-        "'d': formatting ['alpaca'] is not supported; use alpaca or sharegpt"
+        "'d': formatting ['alpaca'] is not supported; use alpaca, openai or sharegpt"
+    ]
+    monkeypatch.setattr(spec_module, "PLANNED_FORMATS", ("xml",))  # none is planned today; the hint stays
+    assert problems({"file_name": "d.json", "formatting": "xml"}) == [
+        "'d': formatting 'xml' is not supported (the xml format is planned); use alpaca, openai or sharegpt"
     ]
 
 
 def test_a_format_registered_in_one_place_is_accepted_and_read(monkeypatch, tmp_path: Path):
-    def to_messages(row, spec, where):
-        return [{"role": "user", "content": row["q"]}, {"role": "assistant", "content": row["a"]}]
+    kinds = []
 
-    monkeypatch.setitem(FORMATS, "qa", to_messages)
-    assert "use alpaca, qa or sharegpt" in problems({"file_name": "d.json", "formatting": "csv"})[0]
+    def to_example(row, spec, where, kind):
+        kinds.append(kind)
+        messages = ({"role": "user", "content": row["q"]}, {"role": "assistant", "content": row["a"]})
+        return Example(messages, f"{where[0]}, row {where[1]}")
+
+    monkeypatch.setitem(FORMATS, "qa", to_example)
+    assert "use alpaca, openai, qa or sharegpt" in problems({"file_name": "d.json", "formatting": "csv"})[0]
     (tmp_path / "d.json").write_text(json.dumps([{"q": "hi", "a": "hello"}]))
     registry = DatasetRegistry(dataset_dir=tmp_path).register("d", "d.json", formatting="qa")
     assert registry.spec("d").formatting == "qa"
@@ -123,13 +142,21 @@ def test_a_format_registered_in_one_place_is_accepted_and_read(monkeypatch, tmp_
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
     )
+    registry.load("d", stage="pt")
+    assert kinds == ["sft", "text"]  # the converter is told what the stage needs
 
 
 # ---------------------------------------------------------------------------------------------- sources
-def test_ranking_and_ms_hub_url_are_checked_but_not_kept():
-    fields = {f.name for f in dataclasses.fields(DatasetSpec)}
-    assert "ranking" not in fields and "ms_hub_url" not in fields
-    spec = DatasetSpec.from_info("d", {"file_name": "d.json", "ranking": False, "ms_hub_url": "org/d"})
+def test_ranking_is_kept():
+    assert DatasetSpec.from_info("d", {"file_name": "d.json"}).ranking is False
+    assert DatasetSpec.from_info("d", {"file_name": "d.json", "ranking": False}).ranking is False
+    assert DatasetSpec.from_info("d", {"file_name": "d.json", "ranking": True}).ranking is True
+    assert problems({"file_name": "d.json", "ranking": "true"}) == ["'d': ranking must be true or false, got 'true'"]
+
+
+def test_ms_hub_url_is_checked_but_not_kept():
+    assert "ms_hub_url" not in {f.name for f in dataclasses.fields(DatasetSpec)}
+    spec = DatasetSpec.from_info("d", {"file_name": "d.json", "ms_hub_url": "org/d"})
     assert spec.file_name == "d.json" and spec.hf_hub_url is None
     spec = DatasetSpec.from_info("d", {"hf_hub_url": "org/d", "ms_hub_url": "org/d"})
     assert spec.hf_hub_url == "org/d"

@@ -76,18 +76,18 @@ def tools_field(row: dict[str, Any], spec: DatasetSpec, where: tuple[str, int]) 
     if not col or row.get(col) in (None, ""):
         return ""
     value = row[col]
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, ensure_ascii=False)
     problem = None
-    if not isinstance(value, str):
-        problem = f"expected a JSON list of function schemas, got {type(value).__name__}"
+    if isinstance(value, (list, dict)):
+        parsed, value = value, json.dumps(value, ensure_ascii=False)
+    elif not isinstance(value, str):
+        parsed, problem = None, f"expected a JSON list of function schemas, got {type(value).__name__}"
     else:
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError as exc:
             parsed, problem = None, f"not valid JSON ({exc.msg} at character {exc.pos})"
-        if problem is None and not (isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)):
-            problem = "expected a JSON list of function schemas"
+    if problem is None and not (isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)):
+        problem = f"expected a JSON list of function schemas, got {str(parsed)[:60]!r}"
     if problem is not None:
         raise DatasetRowError(
             file=where[0],

@@ -67,16 +67,22 @@ def _example(row: Any, spec: DatasetSpec, where: tuple[str, int], kind: str, *, 
     if system is None and spec.columns.get("system"):
         system = text_field(row, spec.columns["system"], where, required=False, key="system") or None
     head: list[Message] = [{"role": "system", "content": system}] if system else []
+    if not messages:
+        raise at.error(
+            col, "the conversation has no turns besides the system message", "add the turns, or remove the row"
+        )
     problem = check_turns([m["role"] for m in messages])
     if problem is not None:
         raise at.error(
             col,
-            f"turn {problem.turn} is a {problem.role} message but a {problem.expected} one was expected "
+            f"turn {problem.turn} is {_a(problem.role)} message but {_a(problem.expected)} one was expected "
             "(turns alternate user or observation, then assistant or function call)",
             "fix the order of the messages or remove the row",
         )
     source, tools = f"{where[0]}, row {where[1]}", tools_field(row, spec, where)
     if kind == "text":
+        if not messages[0]["content"].strip():
+            raise at.error(f"{col}[0]", "the text is empty", "fill it in or remove the row")
         return Example(tuple(head + messages), source, tools)
     if kind == "pairwise":
         if len(messages) % 2 == 0:
@@ -96,6 +102,10 @@ def _example(row: Any, spec: DatasetSpec, where: tuple[str, int], kind: str, *, 
         )
     tag = kto_field(row, spec, where) if kind == "kto" else None
     return Example(tuple(head + messages), source, tools, kto_tag=tag)
+
+
+def _a(word: str | None) -> str:
+    return f"{'an' if str(word)[:1] in 'aeio' else 'a'} {word}"
 
 
 def _read_messages(

@@ -307,7 +307,8 @@ def run_config(cfg: dict, base_dir: Path) -> dict:
     vocab_before = set(tokenizer.get_vocab())
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     after = _tok_state(tokenizer)
-    added_by_lf = sorted(set(tokenizer.get_vocab()) - vocab_before)
+    added_by_lf = sorted(([t, i] for t, i in tokenizer.get_vocab().items() if t not in vocab_before),
+                         key=lambda x: x[1])
 
     log = io.StringIO()
     with redirect_stdout(log):
