@@ -87,7 +87,7 @@ class DatasetRowsError(DatasetRowError):
             self,
             f"{len(self.rows)} bad row{'s' if len(self.rows) != 1 else ''} in {', '.join(files)}:\n"
             + "\n".join(lines)
-            + "\nFix these rows, or set skip_invalid: true to train without them (their count and places are printed)."
+            + "\nFix these rows, or set skip_invalid: true to train without them (their count and places are printed).",
         )
 
 

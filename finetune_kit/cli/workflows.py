@@ -11,6 +11,7 @@ from finetune_kit._version import __version__
 from finetune_kit.config.parse import Built
 from finetune_kit.config.run import RunConfig
 from finetune_kit.data.config import DataConfig, EncodingConfig
+from finetune_kit.data.conversations import Conversations, ConversationStream
 from finetune_kit.data.registry import DatasetRegistry
 from finetune_kit.data.report import REPORT_JSON, REPORT_PLOT, DataReport, build_report, check_rows
 from finetune_kit.errors import ConfigError
@@ -64,12 +65,23 @@ def run_train(
     tuned: LoadedModel | None = None
     if run.do_train:
         assert data.dataset is not None  # train_checks
-        train_set = registry.load(data.dataset, max_samples=data.max_samples)
+        selection = {
+            "max_samples": data.max_samples,
+            "skip_invalid": data.skip_invalid,
+            "mix_strategy": data.mix_strategy,
+            "interleave_probs": data.interleave_probs,
+            "seed": training.seed,
+        }
+        train_set: Conversations | ConversationStream = (
+            registry.stream(data.dataset, buffer_size=data.buffer_size, **selection)
+            if data.streaming
+            else registry.load(data.dataset, **selection)
+        )
         eval_set = None
-        if data.val_size:
+        if data.val_size and isinstance(train_set, Conversations):
             train_set, eval_set = train_set.split(data.val_size, seed=training.seed)
         elif run.do_eval and data.eval_dataset:
-            eval_set = registry.load(data.eval_dataset, max_samples=data.max_samples)
+            eval_set = registry.load(data.eval_dataset, max_samples=data.max_samples, skip_invalid=data.skip_invalid)
         trainer = LoraTrainer(source, lora, training, encoding)
         tokens = trainer.tokenize(train_set)
         say(trainer.explain(tokens))
@@ -95,7 +107,7 @@ def _predict(
     output_dir: str | None,
 ) -> None:
     assert data.eval_dataset is not None
-    eval_set = registry.load(data.eval_dataset, max_samples=data.max_samples)
+    eval_set = registry.load(data.eval_dataset, max_samples=data.max_samples, skip_invalid=data.skip_invalid)
     out = predict.output_dir or output_dir
     report = Evaluator(model, generation=generation, config=predict).predict(eval_set, output_dir=out)
     say(report.table())

@@ -27,7 +27,6 @@ IGNORED: dict[str, str] = {
 # Accepted when false (or unset); refused when true, with the reason.
 ONLY_FALSE: dict[str, str] = {
     "packing": "sequence packing is planned",
-    "streaming": "streaming datasets are planned",
 }
 
 # LLaMA-Factory keys we know but do not support yet, with what to do instead.
@@ -124,9 +123,6 @@ UNSUPPORTED: dict[str, str] = {
         k: "not supported yet"
         for k in (
             "tokenized_path",
-            "mix_strategy",
-            "interleave_probs",
-            "buffer_size",
             "resize_vocab",
             "media_dir",
             "image_max_pixels",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from finetune_kit.config.base import StageConfig, option
 
@@ -24,11 +25,32 @@ class DataConfig(StageConfig):
     dataset_dir: str = option("data", "Folder holding dataset_info.json and the data files.")
     max_samples: int | None = option(None, "Keep only the first N rows of each dataset.")
     val_size: float = option(0.0, "Held-out share (<1) or row count (>=1) of the training data for evaluation.")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = option(
+        "concat",
+        "How several datasets are joined: concat, interleave_under (until the first runs out) or "
+        "interleave_over (until all have, repeating the shorter ones).",
+    )
+    interleave_probs: tuple[float, ...] | None = option(
+        None, "Sampling probabilities of the datasets for interleave_*, comma separated, summing to 1."
+    )
+    streaming: bool = option(
+        False, "Read the data lazily as training consumes it (files bigger than memory); needs max_steps."
+    )
+    buffer_size: int = option(16384, "Shuffle buffer, in examples, of streamed data.")
+    skip_invalid: bool = option(
+        False, "Drop malformed rows (their count and places are printed) instead of stopping with the list of them."
+    )
 
     def _check(self) -> list[str]:
         problems = []
         if self.max_samples is not None and self.max_samples < 1:
             problems.append(f"max_samples: got {self.max_samples}; expected a positive row count")
+        if self.interleave_probs is not None and self.mix_strategy == "concat":
+            problems.append("interleave_probs needs mix_strategy: interleave_under or interleave_over")
+        if self.buffer_size < 1:
+            problems.append(f"buffer_size: got {self.buffer_size}; expected a positive example count")
+        if self.streaming and self.val_size:
+            problems.append("val_size cannot split streamed data. Fix: set eval_dataset to a held-out dataset instead")
         if self.val_size < 0:
             problems.append(f"val_size: got {self.val_size}; expected a fraction in [0, 1) or a row count")
         return problems

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from finetune_kit.data.messages import Message
 from finetune_kit.errors import DatasetError
@@ -85,3 +85,24 @@ class Conversations:
         random.Random(seed).shuffle(order)
         pick = lambda idx: Conversations(tuple(self.examples[i] for i in sorted(idx)), self.names, self.skipped)  # noqa: E731
         return pick(order[n_val:]), pick(order[:n_val])
+
+
+@dataclass(frozen=True)
+class ConversationStream:
+    """Examples read lazily from their files (LLaMA-Factory's ``streaming: true``).
+
+    Iterating it reads the files again from the start; nothing is held in memory. Made by
+    :meth:`DatasetRegistry.stream`; a bad row raises its error when it is met.
+    """
+
+    open: Callable[[], Iterator[Example]] = field(repr=False)
+    names: tuple[str, ...] = ()
+    buffer_size: int = 16384
+    """Examples held for shuffling when this stream is tokenized for training."""
+    seed: int = 42
+
+    def __iter__(self) -> Iterator[Example]:
+        return self.open()
+
+    def __repr__(self) -> str:
+        return f"ConversationStream({', '.join(self.names)}: read lazily)"

@@ -4,7 +4,9 @@ or from the Hugging Face Hub, converted by their format into checked :class:`Exa
 from __future__ import annotations
 
 import json
+import logging
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ from finetune_kit.data.formats import FORMATS
 from finetune_kit.data.formats.common import KINDS, check_ranking
 from finetune_kit.data.spec import DatasetSpec
 from finetune_kit.errors import DatasetError, DatasetRowError
+
+logger = logging.getLogger("finetune_kit.data")
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -66,6 +70,82 @@ def check_dataset(spec: DatasetSpec, dataset_dir: Path, *, kind: str = "sft") ->
         return 0, []
     examples, bad = read_dataset(spec, dataset_dir, None, kind=kind, sample=False)
     return len(examples) + len(bad), [str(exc) for exc in bad]
+
+
+def stream_dataset(
+    spec: DatasetSpec, dataset_dir: Path, max_samples: int | None, *, kind: str = "sft", skip_invalid: bool = False
+) -> Iterator[Example]:
+    """Convert the rows of one dataset file as they are read, without holding the file in memory.
+
+    A bad row raises its :class:`DatasetRowError` when it is met (file, row, field and fix), or
+    with ``skip_invalid`` is logged and skipped. ``num_samples`` does not apply (as in
+    LLaMA-Factory's streaming mode); ``max_samples`` stops after that many rows.
+    """
+    check_ranking(spec, kind)
+    if not spec.file_name:
+        raise DatasetError(f"dataset '{spec.name}': streaming reads local files; download the hub dataset first")
+    convert = FORMATS[spec.formatting]
+    path = Path(spec.file_name)
+    rows = iter_rows(path if path.is_absolute() else dataset_dir / path)
+    seen = 0
+    for file, i, row in rows:
+        if max_samples is not None and seen >= max_samples:
+            return
+        seen += 1
+        try:
+            yield convert(row, spec, (file, i), kind)
+        except DatasetRowError as exc:
+            if not skip_invalid:
+                raise
+            logger.warning("skip_invalid: dropped %s", exc)
+
+
+def iter_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """``(file, row_index, row)`` for every row behind ``path``, read lazily.
+
+    JSON Lines, CSV, parquet and arrow files are read row by row (batch by batch); a ``.json``
+    file holding one JSON array is parsed whole — save big data as ``.jsonl`` to stream it.
+    """
+    for f in data_files(path):
+        suffix = f.suffix.lower()
+        if suffix == ".jsonl" or (suffix == ".json" and _starts_with(f, "{")):
+            items: Iterable[Any] = _iter_jsonl(f)
+        elif suffix == ".json":
+            items = _read_json(f)
+        elif suffix == ".parquet":
+            items = _iter_parquet(f)
+        else:
+            items = _read_with_datasets(f, FILE_TYPES[suffix], streaming=True)
+        for i, item in enumerate(items):
+            yield str(f), i, item
+
+
+def _starts_with(f: Path, char: str) -> bool:
+    with f.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                return line.lstrip().startswith(char)
+    return False
+
+
+def _iter_jsonl(f: Path) -> Iterator[Any]:
+    with f.open(encoding="utf-8") as handle:
+        row = 0
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{f}, line {lineno} (row {row}): not valid JSON: {exc.msg}") from exc
+            row += 1
+
+
+def _iter_parquet(f: Path) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
 
 
 def _sample(rows: list[Any], n: int) -> list[Any]:
@@ -153,11 +233,11 @@ def _read_jsonl(f: Path) -> list[Any]:
     return items
 
 
-def _read_with_datasets(f: Path, kind: str) -> list[Any]:
+def _read_with_datasets(f: Path, kind: str, *, streaming: bool = False) -> Iterable[Any]:
     import datasets
 
     if kind == "arrow":
-        ds = datasets.Dataset.from_file(str(f))
+        ds = datasets.Dataset.from_file(str(f))  # memory-mapped: rows are read as they are used
     else:
-        ds = datasets.load_dataset(kind, data_files=str(f), split="train")
-    return list(ds)
+        ds = datasets.load_dataset(kind, data_files=str(f), split="train", streaming=streaming)
+    return ds if streaming else list(ds)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_kit.data.conversations import Conversations, Example
+from finetune_kit.data.conversations import Conversations, ConversationStream, Example
 from finetune_kit.data.formats.common import stage_kind
-from finetune_kit.data.readers import check_dataset, read_dataset
+from finetune_kit.data.mix import MixStrategy, check_probs, mix
+from finetune_kit.data.readers import check_dataset, read_dataset, stream_dataset
 from finetune_kit.data.report import DataReport, build_report
 from finetune_kit.data.spec import DatasetSpec
+from finetune_kit.data.stream import interleave_stream
 from finetune_kit.errors import ConfigError, DatasetError, DatasetRowError, DatasetRowsError, did_you_mean
 
 if TYPE_CHECKING:
@@ -78,6 +81,7 @@ class DatasetRegistry:
         formatting: str = "alpaca",
         columns: Mapping[str, str] | None = None,
         tags: Mapping[str, str] | None = None,
+        ranking: bool = False,
     ) -> DatasetRegistry:
         """Return a new registry with one more dataset; ``file_name`` may be absolute or relative to dataset_dir."""
         entry = {
@@ -85,6 +89,7 @@ class DatasetRegistry:
             "formatting": formatting,
             "columns": dict(columns or {}),
             "tags": dict(tags or {}),
+            "ranking": ranking,
         }
         return replace(self, specs={**self.specs, name: DatasetSpec.from_info(name, entry, f"dataset '{name}'")})
 
@@ -109,6 +114,9 @@ class DatasetRegistry:
         max_samples: int | None = None,
         stage: str = "sft",
         skip_invalid: bool = False,
+        mix_strategy: MixStrategy = "concat",
+        interleave_probs: Sequence[float] | None = None,
+        seed: int = 42,
     ) -> Conversations:
         """Read and check every row of the named datasets (comma-separated or a list).
 
@@ -116,18 +124,17 @@ class DatasetRegistry:
         ``dpo``/``rm`` preference pairs, ``kto`` tagged replies). Every bad row of every dataset
         is reported in one :class:`DatasetRowsError` (file, row, field and fix each); with
         ``skip_invalid=True`` they are dropped instead, and their count and places are logged.
+        Several datasets are joined by ``mix_strategy`` (see :func:`~finetune_kit.data.mix.mix`).
         """
-        wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-        wanted = [n for n in wanted if n]
-        if not wanted:
-            raise DatasetError("no dataset names given. Fix: dataset: name1,name2 (names from dataset_info.json)")
+        wanted = self._names(names)
         kind = stage_kind(stage)
-        examples: list[Example] = []
+        parts: list[list[Example]] = []
         bad: list[DatasetRowError] = []
         for name in wanted:
             good, errors = read_dataset(self.spec(name), self.dataset_dir, max_samples, kind=kind)
-            examples += good
+            parts.append(good)
             bad += errors
+        examples = [ex for part in parts for ex in part]
         if bad and not skip_invalid:
             raise DatasetRowsError(bad)
         if bad:
@@ -141,7 +148,48 @@ class DatasetRegistry:
             )
         if not examples:
             raise DatasetError(f"no usable rows in {', '.join(wanted)}")
-        return Conversations(tuple(examples), tuple(wanted), skipped=len(bad))
+        if mix_strategy == "concat" and interleave_probs is None:
+            return Conversations(tuple(examples), tuple(wanted), skipped=len(bad))
+        loaded = [Conversations(tuple(part), (name,)) for part, name in zip(parts, wanted, strict=True)]
+        return replace(mix(loaded, mix_strategy, interleave_probs, seed=seed), skipped=len(bad))
+
+    def stream(
+        self,
+        names: str | Iterable[str],
+        *,
+        max_samples: int | None = None,
+        stage: str = "sft",
+        skip_invalid: bool = False,
+        mix_strategy: MixStrategy = "concat",
+        interleave_probs: Sequence[float] | None = None,
+        seed: int = 42,
+        buffer_size: int = 16384,
+    ) -> ConversationStream:
+        """Like :meth:`load`, but the rows are read and checked only as training consumes them.
+
+        For files bigger than memory (``streaming: true``; train with ``max_steps``). A bad row
+        raises its :class:`DatasetRowError` when it is reached (or is logged and skipped with
+        ``skip_invalid``). ``concat`` reads the datasets one after the other; the interleave
+        strategies draw from them at random with ``interleave_probs`` (equal chances by default).
+        Training shuffles the rows in a buffer of ``buffer_size`` examples (seeded by ``seed``).
+        """
+        wanted = self._names(names)
+        kind = stage_kind(stage)
+        specs = [self.spec(n) for n in wanted]
+        probs = check_probs(len(specs), mix_strategy, interleave_probs)
+
+        def parts() -> list[Iterator[Example]]:
+            return [
+                stream_dataset(spec, self.dataset_dir, max_samples, kind=kind, skip_invalid=skip_invalid)
+                for spec in specs
+            ]
+
+        def opened() -> Iterator[Example]:
+            if mix_strategy == "concat":
+                return itertools.chain.from_iterable(parts())
+            return interleave_stream(parts, probs, until_all=mix_strategy == "interleave_over", seed=seed)
+
+        return ConversationStream(opened, tuple(wanted), buffer_size=buffer_size, seed=seed)
 
     def report(
         self,
@@ -172,6 +220,14 @@ class DatasetRegistry:
             mask_history=mask_history,
             max_samples=max_samples,
         )
+
+    @staticmethod
+    def _names(names: str | Iterable[str]) -> list[str]:
+        wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        wanted = [n for n in wanted if n]
+        if not wanted:
+            raise DatasetError("no dataset names given. Fix: dataset: name1,name2 (names from dataset_info.json)")
+        return wanted
 
     def check(self, name: str, *, stage: str = "sft") -> tuple[int, list[str]]:
         """Check every row of one dataset without stopping at the first bad one.

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_kit._artifacts import provenance
 from finetune_kit.data.config import DataConfig, EncodingConfig
-from finetune_kit.data.conversations import Conversations
+from finetune_kit.data.conversations import Conversations, ConversationStream
+from finetune_kit.data.stream import tokenize_stream
 from finetune_kit.data.tokenize import TokenizedDataset, tokenize
 from finetune_kit.environment import Environment
 from finetune_kit.errors import ConfigError, FinetuneKitWarning, OutputExistsError, did_you_mean
@@ -27,7 +28,7 @@ from finetune_kit.train.run import fit, training_arguments
 if TYPE_CHECKING:
     from finetune_kit.data.template import ChatTemplate
 
-Data = Conversations | TokenizedDataset
+Data = Conversations | ConversationStream | TokenizedDataset
 _SELECTION = set(DataConfig.field_names())
 
 
@@ -51,7 +52,7 @@ class LoraTrainer:
     lora: LoraConfig = LoraConfig()
     training: TrainingConfig = TrainingConfig()
     encoding: EncodingConfig = EncodingConfig(cutoff_len=1024)
-    _tokenized: dict[int, tuple[Conversations, TokenizedDataset]] = field(
+    _tokenized: dict[int, tuple[Conversations | ConversationStream, TokenizedDataset]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -117,15 +118,33 @@ class LoraTrainer:
         if isinstance(data, TokenizedDataset):
             self._check_encoding(data)
             return data
-        if not isinstance(data, Conversations):
+        if not isinstance(data, (Conversations, ConversationStream)):
             raise TypeError(
-                f"expected Conversations (DatasetRegistry.load(...)) or a TokenizedDataset, got {type(data).__name__}"
+                "expected Conversations (DatasetRegistry.load(...)), a ConversationStream (DatasetRegistry.stream(...)) "
+                f"or a TokenizedDataset, got {type(data).__name__}"
             )
         cached = self._tokenized.get(id(data))
         if cached is not None and cached[0] is data:
             return cached[1]
         tokenizer, template = self._tokenizer()
         e = self.encoding
+        if isinstance(data, ConversationStream):
+            if self.training.max_steps <= 0:
+                raise ConfigError(
+                    "streamed data has no length to count epochs by. Fix: set max_steps (as LLaMA-Factory requires)"
+                )
+            if self.training.group_by_length:
+                raise ConfigError("group_by_length needs every example up front. Fix: turn it off for streamed data")
+            stream = tokenize_stream(
+                data,
+                tokenizer,
+                template,
+                cutoff_len=e.cutoff_len,
+                train_on_prompt=e.train_on_prompt,
+                mask_history=e.mask_history,
+            )
+            self._tokenized[id(data)] = (data, stream)
+            return stream
         done = tokenize(
             data,
             tokenizer,
@@ -166,7 +185,7 @@ class LoraTrainer:
             tok = self.tokenize(data)
             steps = (
                 t.max_steps
-                if t.max_steps > 0
+                if t.max_steps > 0 or tok.streaming
                 else math.ceil(
                     math.ceil(len(tok) / (t.per_device_train_batch_size * devices))
                     / t.gradient_accumulation_steps

@@ -10,7 +10,7 @@ import pytest
 
 from finetune_kit.data.conversations import Conversations
 from finetune_kit.data.registry import DatasetRegistry
-from finetune_kit.errors import ConfigError, DatasetError
+from finetune_kit.errors import ConfigError, DatasetError, DatasetRowsError
 
 ROWS = [{"instruction": f"question {i}", "input": "", "output": f"answer {i}"} for i in range(6)]
 
@@ -352,3 +352,29 @@ def test_split_fraction_rounds_up_like_llamafactory(demo, n, val_size, n_val):
 def test_conversations_iterate_over_their_examples(demo):
     assert list(demo.head(3)) == list(demo.examples[:3])
     assert [ex.source for ex in demo][:2] == _key(demo)[:2]
+
+
+def test_load_mixes_datasets_by_strategy_and_keeps_every_bad_row_in_one_error(tmp_path: Path):
+    def rows(tag: str, n: int) -> list[dict]:
+        return [{"instruction": f"{tag}{i}", "output": "ok"} for i in range(n)]
+
+    (tmp_path / "a.json").write_text(json.dumps(rows("a", 6)))
+    (tmp_path / "b.json").write_text(json.dumps(rows("b", 2)))
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps({"a": {"file_name": "a.json"}, "b": {"file_name": "b.json"}})
+    )
+    registry = DatasetRegistry.from_dir(tmp_path)
+    first = lambda conv: [ex.messages[0]["content"] for ex in conv]  # noqa: E731
+    assert first(registry.load("a,b")) == [f"a{i}" for i in range(6)] + ["b0", "b1"]
+    under = registry.load("a,b", mix_strategy="interleave_under", interleave_probs=[0.5, 0.5], seed=1)
+    over = registry.load("a,b", mix_strategy="interleave_over", interleave_probs=[0.5, 0.5], seed=1)
+    assert under.names == ("a", "b") and "b1" in first(under)  # stops when b, the shorter, runs out
+    assert first(under) == first(
+        registry.load("a,b", mix_strategy="interleave_under", interleave_probs=[0.5, 0.5], seed=1)
+    )
+    assert len(over) > len(under) and set(first(over)) == {f"a{i}" for i in range(6)} | {"b0", "b1"}
+    (tmp_path / "b.json").write_text(json.dumps([{"instruction": "x"}, *rows("b", 1)]))
+    (tmp_path / "a.json").write_text(json.dumps([*rows("a", 1), {"output": "y"}]))
+    with pytest.raises(DatasetRowsError) as err:
+        registry.load("a,b", mix_strategy="interleave_under", interleave_probs=[0.5, 0.5])
+    assert sorted((Path(e.file).name, e.row) for e in err.value.rows) == [("a.json", 1), ("b.json", 0)]

@@ -241,3 +241,24 @@ def test_stop_token_ids_keep_only_real_single_tokens(tok):
     assert set(ids) == {tok.eos_token_id, im_end, im_start}
     assert len(ids) == len(set(ids))
     assert get_template("llama3").stop_token_ids(tok) == [tok.eos_token_id]  # no <|eot_id|> in this vocab
+
+
+def test_a_template_of_another_family_is_warned_about_not_refused(tok):
+    # the bundled tokenizer's own chat template is ChatML
+    assert get_template("chatml").check_against(tok) is None
+    assert get_template("qwen").check_against(tok) is None
+    warning = get_template("llama3").check_against(tok)
+    assert warning is not None and "<|start_header_id|>user<|end_header_id|>" in warning
+    assert "template: null" in warning
+    assert get_template("alpaca").check_against(tok) is not None
+
+
+def test_loading_with_a_mismatched_template_warns(tokenizer_dir):
+    from finetune_kit import ModelSource
+    from finetune_kit.errors import FinetuneKitWarning
+    from finetune_kit.models.loader import load_tokenizer
+
+    source = ModelSource.local(tokenizer_dir).with_config(template="vicuna")
+    with pytest.warns(FinetuneKitWarning, match="USER:"):
+        tokenizer, template = load_tokenizer(source, tokenizer_dir, source.plan())
+    assert template.name == "vicuna"

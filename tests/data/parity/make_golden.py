@@ -132,18 +132,38 @@ _PRISTINE_TEMPLATES = {name: copy.deepcopy(tpl) for name, tpl in TEMPLATES.items
 # configuration matrix
 # ----------------------------------------------------------------------------------------------
 DATA_KEYS = (
-    "dataset", "template", "cutoff_len", "train_on_prompt", "mask_history", "tool_format",
-    "enable_thinking", "preserve_thinking", "packing", "neat_packing", "default_system",
+    "dataset",
+    "template",
+    "cutoff_len",
+    "train_on_prompt",
+    "mask_history",
+    "tool_format",
+    "enable_thinking",
+    "preserve_thinking",
+    "packing",
+    "neat_packing",
+    "default_system",
 )
 DATA_DEFAULTS = {
-    "cutoff_len": 2048, "train_on_prompt": False, "mask_history": False, "tool_format": None,
-    "enable_thinking": True, "preserve_thinking": False, "packing": None, "neat_packing": False,
+    "cutoff_len": 2048,
+    "train_on_prompt": False,
+    "mask_history": False,
+    "tool_format": None,
+    "enable_thinking": True,
+    "preserve_thinking": False,
+    "packing": None,
+    "neat_packing": False,
     "default_system": None,
 }
 SHORT = {  # option name -> file-name fragment
-    "train_on_prompt": "trainprompt", "mask_history": "maskhist", "packing": "packing",
-    "neat_packing": "neatpacking", "default_system": "defsys", "tool_format": "toolfmt",
-    "enable_thinking": "think", "cutoff_len": "cut",
+    "train_on_prompt": "trainprompt",
+    "mask_history": "maskhist",
+    "packing": "packing",
+    "neat_packing": "neatpacking",
+    "default_system": "defsys",
+    "tool_format": "toolfmt",
+    "enable_thinking": "think",
+    "cutoff_len": "cut",
 }
 TOOL_DATASETS = {"sharegpt_tools", "openai_tools"}
 OPENAI_DATASETS = {"openai_tools"}
@@ -160,15 +180,30 @@ def _cfg(stage, tokenizer, template, dataset, **opts):
         elif key == "tool_format":
             frag = f"toolfmt_{val}"
         name += "-" + frag
-    return {"name": name, "tokenizer": tokenizer, "stage": stage,
-            "args": {"dataset": dataset, "template": template, **opts}}
+    return {
+        "name": name,
+        "tokenizer": tokenizer,
+        "stage": stage,
+        "args": {"dataset": dataset, "template": template, **opts},
+    }
 
 
 def build_matrix():
     m = []
     # SFT, smollm2 tokenizer, many templates on alpaca + sharegpt data
-    for tpl in ("default", "empty", "alpaca", "vicuna", "fewshot", "llama2", "mistral", "chatml", "qwen",
-                "qwen3_nothink", "smollm2"):
+    for tpl in (
+        "default",
+        "empty",
+        "alpaca",
+        "vicuna",
+        "fewshot",
+        "llama2",
+        "mistral",
+        "chatml",
+        "qwen",
+        "qwen3_nothink",
+        "smollm2",
+    ):
         for ds in ("alpaca_mix", "sharegpt_multi"):
             m.append(_cfg("sft", "smollm2", tpl, ds))
     # chatml masking / truncation variants
@@ -276,9 +311,12 @@ def _count_input_rows(dataset: str) -> int:
 def _tok_state(tok) -> dict:
     return {
         "len": len(tok),
-        "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id,
-        "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id,
-        "pad_token": tok.pad_token, "pad_token_id": tok.pad_token_id,
+        "bos_token": tok.bos_token,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token": tok.eos_token,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token": tok.pad_token,
+        "pad_token_id": tok.pad_token_id,
     }
 
 
@@ -307,13 +345,13 @@ def run_config(cfg: dict, base_dir: Path) -> dict:
     vocab_before = set(tokenizer.get_vocab())
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     after = _tok_state(tokenizer)
-    added_by_lf = sorted(([t, i] for t, i in tokenizer.get_vocab().items() if t not in vocab_before),
-                         key=lambda x: x[1])
+    added_by_lf = sorted(
+        ([t, i] for t, i in tokenizer.get_vocab().items() if t not in vocab_before), key=lambda x: x[1]
+    )
 
     log = io.StringIO()
     with redirect_stdout(log):
-        module = get_dataset(template, model_args, data_args, training_args, stage, tokenizer=tokenizer,
-                             processor=None)
+        module = get_dataset(template, model_args, data_args, training_args, stage, tokenizer=tokenizer, processor=None)
     ds = module["train_dataset"]
 
     packed_sft = stage == "sft" and bool(data_args.packing)
@@ -385,8 +423,16 @@ def dumps_golden(g: dict) -> str:
 def index_entry(g: dict) -> dict:
     a = g["args"]
     opts = {k: a[k] for k in DATA_KEYS if k not in ("dataset", "template") and a[k] != DATA_DEFAULTS.get(k)}
-    return {"name": g["name"], "stage": g["stage"], "template": a["template"], "tokenizer": g["tokenizer"],
-            "dataset": a["dataset"], "options": opts, "rows": len(g["rows"]), "rows_in": g["rows_in"]}
+    return {
+        "name": g["name"],
+        "stage": g["stage"],
+        "template": a["template"],
+        "tokenizer": g["tokenizer"],
+        "dataset": a["dataset"],
+        "options": opts,
+        "rows": len(g["rows"]),
+        "rows_in": g["rows_in"],
+    }
 
 
 def main(argv=None) -> int:

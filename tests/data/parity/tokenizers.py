@@ -92,8 +92,9 @@ def build(name: str, base_dir: str | Path | None = None):
     base_dir = Path(base_dir) if base_dir is not None else default_base_dir()
     tok = AutoTokenizer.from_pretrained(str(base_dir), padding_side="right")
     if tokens:
-        added = [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
-                 for t in tokens]
+        added = [
+            AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False) for t in tokens
+        ]
         tok.add_tokens(added, special_tokens=True)
         start = len(tok) - len(tokens)
         got = tok.convert_tokens_to_ids(tokens)
