@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from finetune_kit._fs import write_json
@@ -65,18 +66,16 @@ def run_train(
     tuned: LoadedModel | None = None
     if run.do_train:
         assert data.dataset is not None  # train_checks
-        selection = {
-            "max_samples": data.max_samples,
-            "skip_invalid": data.skip_invalid,
-            "mix_strategy": data.mix_strategy,
-            "interleave_probs": data.interleave_probs,
-            "seed": training.seed,
-        }
-        train_set: Conversations | ConversationStream = (
-            registry.stream(data.dataset, buffer_size=data.buffer_size, **selection)
-            if data.streaming
-            else registry.load(data.dataset, **selection)
+        train_set: Conversations | ConversationStream = (registry.stream if data.streaming else registry.load)(
+            data.dataset,
+            max_samples=data.max_samples,
+            skip_invalid=data.skip_invalid,
+            mix_strategy=data.mix_strategy,
+            interleave_probs=data.interleave_probs,
+            seed=training.seed,
         )
+        if isinstance(train_set, ConversationStream):
+            train_set = replace(train_set, buffer_size=data.buffer_size)
         eval_set = None
         if data.val_size and isinstance(train_set, Conversations):
             train_set, eval_set = train_set.split(data.val_size, seed=training.seed)

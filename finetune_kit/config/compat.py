@@ -16,9 +16,10 @@ IGNORED: dict[str, str] = {
     "low_cpu_mem_usage": "weights are always loaded without a CPU copy",
     "logging_dir": "trackers log under output_dir",
     "save_only_model": "checkpoints always keep the optimizer state, so they stay resumable",
-    "preprocessing_num_workers": "tokenization runs in the main process",
-    "overwrite_cache": "tokenized data is not cached on disk",
     # encoding keys matter to `train` only; eval/export/api/chat YAMLs often carry them too
+    "preprocessing_num_workers": "only training encodes examples",
+    "overwrite_cache": "only training encodes examples",
+    "tokenized_path": "only training encodes examples",
     "cutoff_len": "only training encodes examples",
     "train_on_prompt": "only training encodes examples",
     "mask_history": "only training encodes examples",
@@ -122,7 +123,6 @@ UNSUPPORTED: dict[str, str] = {
     **{
         k: "not supported yet"
         for k in (
-            "tokenized_path",
             "resize_vocab",
             "media_dir",
             "image_max_pixels",

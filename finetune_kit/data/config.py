@@ -65,11 +65,24 @@ class EncodingConfig(StageConfig):
     cutoff_len: int = option(2048, "Most tokens per example after tokenization (prompt + reply).")
     train_on_prompt: bool = option(False, "Also train on prompt tokens (default: replies only).")
     mask_history: bool = option(False, "Train only the last reply of multi-turn examples.")
+    preprocessing_num_workers: int | None = option(
+        None, "Processes that tokenize in parallel (none: one); the result is the same for any number."
+    )
+    tokenized_path: str | None = option(
+        None, "Folder of tokenized training data: loaded if it exists (also one LLaMA-Factory saved), else written."
+    )
+    overwrite_cache: bool = option(
+        False, "Tokenize again instead of reusing the on-disk cache of earlier tokenizations."
+    )
 
     def _check(self) -> list[str]:
         problems = []
         if self.cutoff_len < 2:
             problems.append(f"cutoff_len: got {self.cutoff_len}; expected at least 2")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            problems.append(
+                f"preprocessing_num_workers: got {self.preprocessing_num_workers}; expected a positive process count"
+            )
         if self.mask_history and self.train_on_prompt:
             problems.append("mask_history and train_on_prompt cannot both be true; pick one")
         return problems

@@ -194,6 +194,7 @@ def read_rows(path: Path) -> list[tuple[str, int, Any]]:
     rows: list[tuple[str, int, Any]] = []
     for f in data_files(path):
         suffix = f.suffix.lower()
+        items: Iterable[Any]
         if suffix == ".json":
             items = _read_json(f)
         elif suffix == ".jsonl":

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit._artifacts import provenance
+from finetune_kit.data.cache import tokenize_cached
 from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.data.conversations import Conversations, ConversationStream
 from finetune_kit.data.stream import tokenize_stream
-from finetune_kit.data.tokenize import TokenizedDataset, tokenize
+from finetune_kit.data.tokenize import TokenizedDataset
 from finetune_kit.environment import Environment
 from finetune_kit.errors import ConfigError, FinetuneKitWarning, OutputExistsError, did_you_mean
 from finetune_kit.models.adapters import is_peft, shared_clone
@@ -114,14 +115,21 @@ class LoraTrainer:
 
         The result is remembered: :meth:`explain` and :meth:`train` given the same
         ``Conversations`` reuse it, and a ``TokenizedDataset`` is checked and passed through.
+        Tokenization runs in ``preprocessing_num_workers`` processes and is cached on disk (a
+        second run with the same data, tokenizer, template and options reads it back;
+        ``overwrite_cache`` tokenizes again); ``tokenized_path`` names the folder explicitly.
         """
+        return self._tokenize(data, keep=True)
+
+    def _tokenize(self, data: Data, *, keep: bool) -> TokenizedDataset:
+        """:meth:`tokenize`; ``keep`` says whether ``tokenized_path`` (the training data's folder) applies."""
         if isinstance(data, TokenizedDataset):
             self._check_encoding(data)
             return data
         if not isinstance(data, (Conversations, ConversationStream)):
             raise TypeError(
-                "expected Conversations (DatasetRegistry.load(...)), a ConversationStream (DatasetRegistry.stream(...)) "
-                f"or a TokenizedDataset, got {type(data).__name__}"
+                "expected Conversations (DatasetRegistry.load(...)), a ConversationStream "
+                f"(DatasetRegistry.stream(...)) or a TokenizedDataset, got {type(data).__name__}"
             )
         cached = self._tokenized.get(id(data))
         if cached is not None and cached[0] is data:
@@ -145,13 +153,16 @@ class LoraTrainer:
             )
             self._tokenized[id(data)] = (data, stream)
             return stream
-        done = tokenize(
+        done = tokenize_cached(
             data,
             tokenizer,
             template,
             cutoff_len=e.cutoff_len,
             train_on_prompt=e.train_on_prompt,
             mask_history=e.mask_history,
+            num_workers=e.preprocessing_num_workers or 1,
+            cache=not e.overwrite_cache,
+            tokenized_path=e.tokenized_path if keep else None,
         )
         self._tokenized[id(data)] = (data, done)
         return done
@@ -212,7 +223,7 @@ class LoraTrainer:
         out = Path(t.output_dir)
         resume = self._resume_point(out)
         train_set = self.tokenize(data)
-        eval_set = self.tokenize(eval_data) if eval_data is not None else None
+        eval_set = self._tokenize(eval_data, keep=False) if eval_data is not None else None
         args = training_arguments(t, has_eval=eval_set is not None)  # before loading: Accelerate's state lives here
         held = _Held.take(self.model, self.load_plan())
         try:

@@ -87,8 +87,8 @@ def test_tokenize_once_and_reuse(tiny_llama, data, tmp_path, monkeypatch):
     from finetune_kit.train import trainer as trainer_module
 
     calls = []
-    real = trainer_module.tokenize
-    monkeypatch.setattr(trainer_module, "tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = trainer_module.tokenize_cached
+    monkeypatch.setattr(trainer_module, "tokenize_cached", lambda *a, **k: calls.append(1) or real(*a, **k))
     t = trainer(tiny_llama, tmp_path / "out")
     assert "TokenizedDataset(4 examples" in t.explain(data)
     t.train(data)

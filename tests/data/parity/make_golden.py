@@ -59,9 +59,9 @@ if importlib.util.find_spec("torchaudio") is None:
 
     sys.modules["torchaudio"] = types.ModuleType("torchaudio")
 
-import transformers  # noqa: E402
 import datasets  # noqa: E402
 import llamafactory  # noqa: E402
+import transformers  # noqa: E402
 from llamafactory.data import converter as lf_converter  # noqa: E402
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer  # noqa: E402
 from llamafactory.data import tool_utils as lf_tool_utils  # noqa: E402
