@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +75,10 @@ class TokenizedDataset:
 
     def show(self, index: int = 0, tokenizer: Any = None) -> str:
         """The decoded inputs and trained labels of one example (LLaMA-Factory prints this at start-up)."""
-        row = self.dataset[index]
+        if self.streaming:  # the first rows of the stream (reading them encodes one batch)
+            row = next(itertools.islice(iter(self.dataset), index, None))
+        else:
+            row = self.dataset[index]
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         parts = ("chosen_", "rejected_") if self._prefix else ("",)
         out = []
