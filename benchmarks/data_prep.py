@@ -16,7 +16,7 @@ with a ``dataset_info.json`` to a temporary folder, then measures, each tool in 
 
 Prints one JSON object: hardware, settings and both tools' numbers::
 
-    python benchmarks/data_prep.py --lf-python /work/lfvenv/bin/python
+    python benchmarks/data_prep.py --lf-python $LF_VENV/bin/python
     python benchmarks/data_prep.py --rows 5000            # a quick run, finetune_kit only
 """
 

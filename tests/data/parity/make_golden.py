@@ -2,9 +2,9 @@
 
 Run from the repository root with LLaMA-Factory's own interpreter::
 
-    /work/lfvenv/bin/python tests/data/parity/make_golden.py            # (re)write golden/*.json
-    /work/lfvenv/bin/python tests/data/parity/make_golden.py --check    # regenerate in memory, diff
-    /work/lfvenv/bin/python tests/data/parity/make_golden.py --only sft-smollm2-chatml-alpaca_mix
+    $LF_VENV/bin/python tests/data/parity/make_golden.py            # (re)write golden/*.json
+    $LF_VENV/bin/python tests/data/parity/make_golden.py --check    # regenerate in memory, diff
+    $LF_VENV/bin/python tests/data/parity/make_golden.py --only sft-smollm2-chatml-alpaca_mix
 
 Every configuration goes through LLaMA-Factory's real data pipeline:
 ``hparams.get_train_args`` (the same parser ``llamafactory-cli train`` uses, so LF's
