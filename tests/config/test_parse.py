@@ -129,10 +129,13 @@ def test_lf_yaml_builds_every_section(lf_yaml_file, tmp_path, caplog):
         cfg = build(collect([str(lf_yaml_file)]), BASE_SECTIONS)
     assert set(cfg) == set(BASE_SECTIONS)
     check_lf_yaml_values(cfg, tmp_path)
-    # LLaMA-Factory keys that change nothing here are accepted and named as ignored
-    notes = caplog.text
-    assert "'overwrite_cache' is accepted for LLaMA-Factory compatibility and ignored" in notes
-    assert "'preprocessing_num_workers' is accepted" in notes
+    # the data-preparation keys of LLaMA-Factory's example YAMLs are the encoding's now
+    assert cfg[EncodingConfig].overwrite_cache is True and cfg[EncodingConfig].preprocessing_num_workers == 1
+    # outside training they change nothing and are named as ignored
+    with caplog.at_level("INFO", logger="finetune_kit.config"):
+        build(collect([str(lf_yaml_file)]), [s for s in BASE_SECTIONS if s is not EncodingConfig])
+    assert "'overwrite_cache' is accepted for LLaMA-Factory compatibility and ignored" in caplog.text
+    assert "'preprocessing_num_workers' is accepted" in caplog.text
 
 
 def test_only_false_keys_are_accepted_when_false_and_refused_when_true():

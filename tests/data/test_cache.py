@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune_kit.data import tokenize as tokenize_module
+from finetune_kit.data import batched as batched_module
+from finetune_kit.data import encode as encode_module
 from finetune_kit.data.cache import (
     TOKENIZED_RECORD,
     DataSelection,
@@ -61,7 +62,7 @@ def plain(items, tokenizer, template, **options):
 
     neat = options.get("neat_packing", False)
     packing = True if neat else options.get("packing")
-    columns, truncated = tokenize_module._encode_all(
+    columns, truncated = encode_module._encode_all(
         list(items),
         fitted(tokenizer, template),
         template,
@@ -131,12 +132,12 @@ def test_batched_encoding_equals_per_text_encoding_for_other_templates(tok, name
         fit = fitted(tok, template)
     batch = [Example(tuple(THOUGHTFUL), f"row {i}") for i in range(3)] + list(examples(3))
     args = (template, "sft", 48, False, mask_history, None)
-    assert encode_batch(batch, fit, *args) == tokenize_module._encode_all(batch, fit, *args)
+    assert encode_batch(batch, fit, *args) == encode_module._encode_all(batch, fit, *args)
 
 
 def test_a_layout_asked_out_of_order_comes_from_the_template(tok, chatml):
     fit = fitted(tok, chatml)
-    proxy, replay = tokenize_module._Prefetched(fit), tokenize_module._Replay(chatml)
+    proxy, replay = batched_module.Prefetched(fit), batched_module.Replay(chatml)
     first = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     other = [{"role": "user", "content": "Price?"}, {"role": "assistant", "content": "9 yuan."}]
     replay.encode_pairs(proxy, first)
@@ -172,7 +173,7 @@ def test_a_second_run_is_read_from_the_cache(tok, chatml, cache_home, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("encoded again")
 
-    monkeypatch.setattr(tokenize_module, "_encode_all", fail)
+    monkeypatch.setattr(encode_module, "_encode_all", fail)
     again = tokenize_cached(data, tok, chatml, cutoff_len=32)  # num_workers is not part of the key
     assert again.dataset.to_dict() == first.dataset.to_dict()
     assert (again.truncated, again.cutoff_len, again.template, again.names) == (first.truncated, 32, "chatml", ("mem",))
@@ -215,7 +216,7 @@ def test_an_interrupted_write_leaves_nothing_behind(tok, chatml, cache_home, mon
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tokenize_module, "_encode_all", boom)
+    monkeypatch.setattr(encode_module, "_encode_all", boom)
     with pytest.raises(KeyboardInterrupt):
         tokenize_cached(examples(5), tok, chatml, cutoff_len=32)
     assert not list((cache_home / "tokenized").iterdir())
