@@ -367,11 +367,11 @@ def encode_batch(
 def fitted(tokenizer: Any, template: ChatTemplate) -> Any:
     """``tokenizer`` as ``template`` needs it (EOS replaced, stop words special): itself when it
     already is (the library's loaders fit it), else a fitted copy — the caller's is never changed."""
+    if template.is_fitted(tokenizer):
+        return tokenizer
     probe = copy.deepcopy(tokenizer)
     template.fit_tokenizer(probe)
-    same = probe.eos_token == tokenizer.eos_token and probe.pad_token == tokenizer.pad_token
-    same = same and len(probe) == len(tokenizer) and probe.all_special_tokens == tokenizer.all_special_tokens
-    return tokenizer if same else probe
+    return probe
 
 
 STAGES = ("sft", "pt", "rm", "dpo", "kto")

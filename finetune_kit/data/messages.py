@@ -1,6 +1,6 @@
 """Chat messages: the ``Message`` type and the one rule on the order of their roles.
 
-Dataset rows (``formats/sharegpt.py``), chat templates (``template.split_system``) and the
+Dataset rows (``formats/sharegpt.py``), chat templates (:func:`split_system`) and the
 server's requests all accept the same shape: an optional leading system message, then turns
 that alternate user, assistant, user, ... :func:`check_turns` is that rule; each caller turns
 its answer into its own error (a row error, a template error, an HTTP 400).
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from finetune_kit.errors import TemplateError
 
 Message = dict[str, str]
 """One chat message: ``{"role": ..., "content": "..."}``.
@@ -69,3 +71,18 @@ def check_turns(roles: Sequence[str | None]) -> TurnProblem | None:
         if roles[index] not in allowed:
             return TurnProblem(index=index, turn=turn, role=roles[index], expected=allowed[0])
     return None
+
+
+def split_system(messages: Sequence[Message]) -> tuple[str | None, list[Message]]:
+    """Separate a leading system message from the turns, checking roles alternate."""
+    system = None
+    turns = list(messages)
+    if turns and turns[0]["role"] == "system":
+        system, turns = turns[0]["content"], turns[1:]
+    problem = check_turns([msg.get("role") for msg in messages])
+    if problem is not None:
+        raise TemplateError(
+            f"message {problem.turn} has role {problem.role!r} but {problem.expected!r} was expected: after an "
+            "optional system message, turns must alternate user, assistant, user, ..."
+        )
+    return system, turns

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from finetune_kit.data.jinja import template_jinja
-from finetune_kit.data.messages import Message, check_turns
+from finetune_kit.data.messages import Message, split_system
+from finetune_kit.data.native import native_segments
 from finetune_kit.data.slots import EOS, THOUGHT, TOOL_CALL, Slot, Special, fill
 from finetune_kit.data.tools import ToolFormat, get_tool_format, parse_calls
 from finetune_kit.errors import TemplateError
@@ -262,7 +263,7 @@ class ChatTemplate:
         _check_prompt(messages)
         if self.is_native:
             system, turns = split_system(messages)
-            return "".join(text for text, _ in _native_segments(tokenizer, self._native_system(system), turns))
+            return "".join(text for text, _ in native_segments(tokenizer, self._native_system(system), turns))
         system, turns = split_system(messages)
         elements = self._elements(turns, system or self.default_system, tools)
         text = "".join(self._text(tokenizer, els) for els in elements)
@@ -274,7 +275,7 @@ class ChatTemplate:
         """The conversation as ``(text, is_reply)`` pieces in order (for display and reports)."""
         system, turns = split_system(messages)
         if self.is_native:
-            return _native_segments(tokenizer, self._native_system(system), turns)
+            return native_segments(tokenizer, self._native_system(system), turns)
         elements = self._elements(turns, system or self.default_system, "")
         return [(self._text(tokenizer, els), i % 2 == 1) for i, els in enumerate(elements)]
 
@@ -323,6 +324,16 @@ class ChatTemplate:
             except TypeError:  # transformers 5 keeps the existing extra special tokens anyway
                 tokenizer.add_special_tokens({"additional_special_tokens": stops})
 
+    def is_fitted(self, tokenizer: Any) -> bool:
+        """True when :meth:`fit_tokenizer` would change nothing in ``tokenizer``."""
+        if tokenizer.pad_token is None:
+            return False
+        stops = [] if self.is_native else list(self.stop_words)
+        if self.replace_eos and stops:
+            if tokenizer.eos_token != stops.pop(0):
+                return False
+        return tokenizer.eos_token_id is not None and all(w in tokenizer.all_special_tokens for w in stops)
+
     def _require_in_vocab(self, tokenizer: Any, token: str) -> None:
         if token not in tokenizer.get_vocab():
             raise TemplateError(
@@ -368,7 +379,7 @@ class ChatTemplate:
                 "tool data needs a named template (e.g. template: qwen); the tokenizer's own is not used for tools"
             )
         system, turns = split_system(messages)
-        pieces = _native_segments(tokenizer, self._native_system(system), turns)
+        pieces = native_segments(tokenizer, self._native_system(system), turns)
         ids = [tokenizer.encode(text, add_special_tokens=False) for text, _ in pieces]
         return [(ids[i], ids[i + 1]) for i in range(0, len(ids) - 1, 2)]
 
@@ -378,43 +389,3 @@ def _check_prompt(messages: Sequence[Message]) -> None:
         raise TemplateError(
             f"a prompt must end with a user message; got {messages[-1]['role'] if messages else 'no messages'}"
         )
-
-
-def split_system(messages: Sequence[Message]) -> tuple[str | None, list[Message]]:
-    """Separate a leading system message from the turns, checking roles alternate."""
-    system = None
-    turns = list(messages)
-    if turns and turns[0]["role"] == "system":
-        system, turns = turns[0]["content"], turns[1:]
-    problem = check_turns([msg.get("role") for msg in messages])
-    if problem is not None:
-        raise TemplateError(
-            f"message {problem.turn} has role {problem.role!r} but {problem.expected!r} was expected: after an "
-            "optional system message, turns must alternate user, assistant, user, ..."
-        )
-    return system, turns
-
-
-def _native_segments(tokenizer: Any, system: str | None, turns: list[Message]) -> list[tuple[str, bool]]:
-    """Segments from the tokenizer's Jinja template, by rendering growing prefixes."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise TemplateError("this tokenizer has no chat_template; pass template='chatml' (or another name)")
-    head = [{"role": "system", "content": system}] if system is not None else []
-
-    def render(msgs: list[Message], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-    pieces: list[tuple[str, bool]] = []
-    done = ""
-    for i, msg in enumerate(turns):
-        if msg["role"] not in ("user", "assistant"):
-            raise TemplateError("tool turns need a named template (e.g. template: qwen)")
-        text = render(head + turns[: i + 1], gen=msg["role"] == "user")
-        if not text.startswith(done):
-            raise TemplateError(
-                "the tokenizer's chat template does not render conversations incrementally (a later turn "
-                "changes earlier text), so replies cannot be masked reliably; pass a named template instead"
-            )
-        pieces.append((text[len(done) :], msg["role"] == "assistant"))
-        done = text
-    return pieces
