@@ -91,6 +91,13 @@ class DatasetRowsError(DatasetRowError):
         )
 
 
+class TrainingError(FinetuneKitError, RuntimeError):
+    """Training stopped: a non-finite loss, an error of the training stack, out of memory, ...
+
+    The message says at which step, what the last usable checkpoint is, and what to change.
+    """
+
+
 class OutputExistsError(FinetuneKitError, FileExistsError):
     """Refusing to overwrite something the user already has."""
 

@@ -24,7 +24,7 @@ from finetune_kit.models.source import ModelSource
 from finetune_kit.quickstart import QuickstartConfig, run_quickstart
 from finetune_kit.serve.config import ServeConfig
 from finetune_kit.serve.server import Server
-from finetune_kit.train.config import LoraConfig, TrainingConfig
+from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
 
 
 def _parse(argv: Sequence[str], command: Command) -> Built | None:
@@ -56,6 +56,8 @@ def train(argv: Sequence[str]) -> int:
             cfg[TrainingConfig],
             cfg[GenerationConfig],
             cfg[PredictConfig],
+            cfg[MethodConfig],
+            cfg[PreferenceConfig],
         )
     return 0
 
@@ -132,13 +134,15 @@ COMMANDS: dict[str, Command] = {
     "env": Command("env", "print Python, torch, CUDA, GPUs and library versions", env),
     "train": Command(
         "train config.yaml [key=value ...] [--key value ...]",
-        "LoRA SFT (and do_predict) from an LLaMA-Factory-style YAML",
+        "fine-tune (LoRA/QLoRA/freeze/full; sft, pt, dpo, kto) and do_predict from an LLaMA-Factory-style YAML",
         train,
         (
             RunConfig,
             ModelConfig,
             DataConfig,
             EncodingConfig,
+            MethodConfig,
+            PreferenceConfig,
             LoraConfig,
             TrainingConfig,
             GenerationConfig,

@@ -24,7 +24,7 @@ from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.models.loaded import LoadedModel
 from finetune_kit.models.loader import load_tokenizer
 from finetune_kit.models.source import ModelSource
-from finetune_kit.train.config import LoraConfig, TrainingConfig
+from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
 from finetune_kit.train.trainer import LoraTrainer
 
 
@@ -60,12 +60,17 @@ def run_train(
     training: TrainingConfig,
     generation: GenerationConfig,
     predict: PredictConfig,
+    method: MethodConfig | None = None,
+    preference: PreferenceConfig | None = None,
 ) -> None:
+    method, preference = method or MethodConfig(), preference or PreferenceConfig()
     source = ModelSource.from_config(model_cfg)
     registry = DatasetRegistry.from_dir(data.dataset_dir)
     tuned: LoadedModel | None = None
     if run.do_train:
         assert data.dataset is not None  # train_checks
+        # built first: what this machine cannot run (QLoRA without CUDA, ...) fails before any data is read
+        trainer = LoraTrainer(source, lora, training, encoding, method, preference)
         train_set: Conversations | ConversationStream = (registry.stream if data.streaming else registry.load)(
             data.dataset,
             max_samples=data.max_samples,
@@ -73,6 +78,7 @@ def run_train(
             mix_strategy=data.mix_strategy,
             interleave_probs=data.interleave_probs,
             seed=training.seed,
+            stage=method.stage,
         )
         if isinstance(train_set, ConversationStream):
             train_set = replace(train_set, buffer_size=data.buffer_size)
@@ -80,8 +86,9 @@ def run_train(
         if data.val_size and isinstance(train_set, Conversations):
             train_set, eval_set = train_set.split(data.val_size, seed=training.seed)
         elif run.do_eval and data.eval_dataset:
-            eval_set = registry.load(data.eval_dataset, max_samples=data.max_samples, skip_invalid=data.skip_invalid)
-        trainer = LoraTrainer(source, lora, training, encoding)
+            eval_set = registry.load(
+                data.eval_dataset, max_samples=data.max_samples, skip_invalid=data.skip_invalid, stage=method.stage
+            )
         tokens = trainer.tokenize(train_set)
         say(trainer.explain(tokens))
         say("first example:\n" + tokens.show(0))
@@ -89,7 +96,7 @@ def run_train(
         say(f"\nTraining finished: {result}")
         for path in result.plots:
             say(f"Loss plot: {path}")
-        say(f"Adapter, tokenizer, config and logs: {result.output_dir}")
+        say(f"{'Adapter' if result.is_adapter else 'Model'}, tokenizer, config and logs: {result.output_dir}")
         tuned = result.load()
     if run.do_predict:
         _predict(

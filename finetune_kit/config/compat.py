@@ -16,6 +16,7 @@ IGNORED: dict[str, str] = {
     "low_cpu_mem_usage": "weights are always loaded without a CPU copy",
     "logging_dir": "trackers log under output_dir",
     "save_only_model": "checkpoints always keep the optimizer state, so they stay resumable",
+    "quantization_device_map": "quantized weights are always placed on this process's own GPU",
     # encoding keys matter to `train` only; eval/export/api/chat YAMLs often carry them too
     "preprocessing_num_workers": "only training encodes examples",
     "overwrite_cache": "only training encodes examples",
@@ -33,59 +34,27 @@ ONLY_FALSE: dict[str, str] = {
 # LLaMA-Factory keys we know but do not support yet, with what to do instead.
 UNSUPPORTED: dict[str, str] = {
     **{
-        k: "QLoRA is planned"
-        for k in (
-            "quantization_bit",
-            "quantization_method",
-            "quantization_type",
-            "double_quantization",
-            "quantization_device_map",
-        )
-    },
-    **{
         k: "DeepSpeed/FSDP are planned; for several GPUs run `accelerate launch -m finetune_kit.cli.main train ...`"
         for k in ("deepspeed", "fsdp", "fsdp_config")
     },
+    "ref_model": "the DPO/KTO reference is the base model with the adapter switched off (no second copy); "
+    "for full fine-tuning a frozen copy of the starting weights",
+    "ref_model_adapters": "the DPO/KTO reference is the base model with the trained adapter switched off",
     **{
-        k: "DPO and other preference stages are planned"
-        for k in (
-            "pref_beta",
-            "pref_loss",
-            "pref_ftx",
-            "ref_model",
-            "ref_model_adapters",
-            "dpo_label_smoothing",
-            "simpo_gamma",
-            "reward_model",
-            "ppo_epochs",
-        )
+        k: "reward-model and PPO stages are not supported; use stage: dpo or kto"
+        for k in ("reward_model", "ppo_epochs")
     },
     **{
         k: "MMLU/CMMLU/C-Eval evaluation is planned"
         for k in ("task", "task_dir", "n_shot", "lang", "save_dir", "batch_size")
     },
     **{
-        k: "this adapter variant is planned"
-        for k in (
-            "use_dora",
-            "pissa_init",
-            "pissa_iter",
-            "pissa_convert",
-            "loraplus_lr_ratio",
-            "loraplus_lr_embedding",
-            "create_new_adapter",
-            "use_llama_pro",
-            "oft_rank",
-            "oft_block_size",
-            "oft_target",
-        )
+        k: "this adapter variant is not supported; LoRA (with DoRA, rsLoRA, PiSSA, LoRA+), freeze and full are"
+        for k in ("use_llama_pro", "oft_rank", "oft_block_size", "oft_target")
     },
     **{
-        k: "full/freeze tuning and memory-saving optimizers are planned"
+        k: "memory-saving optimizers are not supported; use LoRA or QLoRA (quantization_bit: 4) to save memory"
         for k in (
-            "freeze_trainable_layers",
-            "freeze_trainable_modules",
-            "freeze_extra_modules",
             "use_galore",
             "use_apollo",
             "use_badam",

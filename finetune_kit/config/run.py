@@ -1,20 +1,18 @@
-"""Keys that pick what a ``train`` run does (LLaMA-Factory's stage and do_* switches)."""
+"""Keys that pick what a ``train`` run does (LLaMA-Factory's do_* switches; the stage is a MethodConfig key)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from finetune_kit.config.base import StageConfig, option
 
 
 @dataclass(frozen=True, repr=False)
 class RunConfig(StageConfig):
-    """What ``finetune-kit train`` should do (LLaMA-Factory's stage and do_* switches)."""
+    """What ``finetune-kit train`` should do (LLaMA-Factory's do_* switches)."""
 
     section = "run"
 
-    stage: Literal["sft"] = option("sft", "Training stage; sft for now (pt, dpo, rm, ppo, kto are planned).")
     do_train: bool = option(False, "Train an adapter.")
     do_eval: bool = option(False, "Compute eval loss on eval_dataset or the val_size split.")
     do_predict: bool = option(False, "Generate on eval_dataset and score ROUGE/BLEU (needs predict_with_generate).")

@@ -12,6 +12,7 @@ from finetune_kit.export._write import prepare_target, write_export
 from finetune_kit.export.config import ExportConfig
 from finetune_kit.export.result import ExportedModel
 from finetune_kit.models.adapters import is_peft, merged_clone
+from finetune_kit.models.quantize import is_quantized
 from finetune_kit.models.loaded import LoadedModel
 from finetune_kit.models.source import ModelSource
 
@@ -49,10 +50,15 @@ class Exporter:
         if isinstance(self.model, LoadedModel):
             return self.model, False
         held = getattr(self.model, "model", None)  # a TrainResult that still holds its trained model
-        if isinstance(held, LoadedModel):
+        if isinstance(held, LoadedModel) and not is_quantized(held.model):
             return held, False
-        # "auto": the load plan's rule (this process's GPU if there is one, else the CPU)
-        return self.model.load(device="auto" if self.config.export_device == "auto" else "cpu"), True
+        # "auto": the load plan's rule (this process's GPU if there is one, else the CPU). A quantized
+        # (QLoRA) model is merged into the base loaded again in 16 bits, never into 4/8-bit weights.
+        device = "auto" if self.config.export_device == "auto" else "cpu"
+        config = getattr(getattr(self.model, "base", self.model), "config", None)
+        if isinstance(held, LoadedModel) or getattr(config, "quantization_bit", None) is not None:
+            return self.model.load(device=device, quantization_bit=None), True
+        return self.model.load(device=device), True
 
     def merge(self, export_dir: str | Path | None = None) -> ExportedModel:
         """Merge and write to ``export_dir`` (or the config's); returns the :class:`ExportedModel`.

@@ -37,18 +37,21 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
-def apply_adapters(model: Any, adapters: Sequence[str], *, trainable: bool = False) -> Any:
+def apply_adapters(model: Any, adapters: Sequence[str], *, trainable: bool = False, merge_all: bool = False) -> Any:
     """Merge all adapters but the last into the weights; keep the last one as a live PeftModel.
 
     Used on a freshly loaded model that nothing else holds (LLaMA-Factory's rule for
     ``adapter_name_or_path: a,b``: a is merged, b is trained further or served unmerged).
+    ``merge_all`` merges the last one too (``create_new_adapter``: a fresh adapter goes on top).
     """
     from peft import PeftModel
 
     paths = [check_adapter_dir(a) for a in adapters]
     with quiet_peft():
-        for p in paths[:-1]:
+        for p in paths[:-1] if not merge_all else paths:
             model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
+        if merge_all:
+            return model
         return PeftModel.from_pretrained(model, str(paths[-1]), is_trainable=trainable)
 
 

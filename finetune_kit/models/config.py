@@ -51,6 +51,20 @@ class ModelConfig(StageConfig):
         "launcher), else the CPU.",
     )
 
+    quantization_bit: int | None = option(
+        None, "Load the base in 4 or 8 bits with bitsandbytes to train LoRA on it (QLoRA; needs a CUDA GPU)."
+    )
+    quantization_method: Literal["bnb"] = option(
+        "bnb", "On-the-fly quantization library: bnb (bitsandbytes). GPTQ/AWQ models are detected from their config."
+    )
+    quantization_type: Literal["nf4", "fp4"] = option("nf4", "4-bit data type: nf4 (QLoRA's) or fp4.")
+    double_quantization: bool = option(True, "4-bit: quantize the quantization constants too (saves ~0.4 bit/weight).")
+
+    def _check(self) -> list[str]:
+        if self.quantization_bit not in (None, 4, 8):
+            return [f"quantization_bit: got {self.quantization_bit}; expected 4 or 8 (or leave it unset)"]
+        return []
+
     def to_saved_dict(self) -> dict:
         """``to_dict()`` for files written next to artifacts: the hub token is never saved."""
         data = self.to_dict()

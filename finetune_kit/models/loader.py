@@ -20,7 +20,9 @@ from finetune_kit.data.templates import get_template
 from finetune_kit.errors import FinetuneKitWarning
 from finetune_kit.models.adapters import apply_adapters
 from finetune_kit.models.bundled import BUNDLED
+from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.loaded import LoadedModel
+from finetune_kit.models.quantize import bnb_config, check_quantization
 
 if TYPE_CHECKING:
     from finetune_kit.models.source import ModelSource
@@ -47,6 +49,10 @@ class LoadPlan:
     default_system: str | None
     adapters: tuple[str, ...]
     trust_remote_code: bool
+    quantization_bit: int | None = None
+    quantization_type: str = "nf4"
+    double_quantization: bool = True
+    merge_all_adapters: bool = False
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``AutoModelForCausalLM.from_pretrained``."""
@@ -55,18 +61,32 @@ class LoadPlan:
         kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype), "trust_remote_code": self.trust_remote_code}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
+        if self.quantization_bit is not None:
+            cfg = ModelConfig(
+                quantization_bit=self.quantization_bit,
+                quantization_type=self.quantization_type,  # type: ignore[arg-type]
+                double_quantization=self.double_quantization,
+            )
+            kwargs["quantization_config"] = bnb_config(cfg, self.dtype)
         if self.device.startswith("cuda"):
             kwargs["device_map"] = {"": self.device}  # straight onto this process's GPU, no CPU copy first
         return kwargs
 
     def explain(self) -> str:
         adapters = ", ".join(self.adapters) if self.adapters else "none"
-        if len(self.adapters) > 1:
+        if self.merge_all_adapters and self.adapters:
+            adapters += " (all merged at load time; a new adapter is trained)"
+        elif len(self.adapters) > 1:
             adapters += " (all but the last merged at load time)"
+        quant = "none"
+        if self.quantization_bit == 4:
+            quant = f"bitsandbytes 4-bit {self.quantization_type}" + (", double" if self.double_quantization else "")
+        elif self.quantization_bit == 8:
+            quant = "bitsandbytes 8-bit (LLM.int8)"
         return "\n".join(
             [
                 f"load:             {self.model} for {self.purpose}",
-                f"  dtype:          {self.dtype}",
+                f"  dtype:          {self.dtype}" + (f" (compute; weights {quant})" if self.quantization_bit else ""),
                 f"  device:         {self.device}",
                 f"  attention:      {self.attn_implementation or 'transformers default (sdpa where supported)'}",
                 f"  template:       {self.template or 'the chat template of the tokenizer'}",
@@ -93,12 +113,23 @@ def training_dtype(infer_dtype: str, *, bf16: bool, fp16: bool) -> str:
 
 
 def plan_load(
-    source: ModelSource, *, purpose: Purpose = "inference", bf16: bool = False, fp16: bool = False
+    source: ModelSource,
+    *,
+    purpose: Purpose = "inference",
+    bf16: bool = False,
+    fp16: bool = False,
+    merge_all_adapters: bool = False,
 ) -> LoadPlan:
-    """Decide how ``source`` will be loaded (nothing is read but small JSON records)."""
+    """Decide how ``source`` will be loaded (nothing is read but small JSON records).
+
+    Raises now, with the fix, when the machine cannot load it as asked (QLoRA without CUDA, a
+    GPTQ/AWQ model without its kernel package). ``merge_all_adapters`` merges every adapter
+    (training a new one on top: ``create_new_adapter``) instead of keeping the last one live.
+    """
     import torch
 
     cfg = source.config
+    check_quantization(cfg, path=source.local_path())
     adapters = tuple(cfg.adapter_name_or_path or ())
     template, system = cfg.template, cfg.default_system
     if template is None and adapters:
@@ -125,6 +156,10 @@ def plan_load(
         default_system=system,
         adapters=adapters,
         trust_remote_code=cfg.trust_remote_code,
+        quantization_bit=cfg.quantization_bit,
+        quantization_type=cfg.quantization_type,
+        double_quantization=cfg.double_quantization,
+        merge_all_adapters=merge_all_adapters,
     )
 
 
@@ -150,9 +185,12 @@ def load_model(source: ModelSource, plan: LoadPlan | None = None) -> LoadedModel
 
     plan = plan or plan_load(source)
     path = source.resolve()
+    check_quantization(source.config, path=path)
     tokenizer, template = load_tokenizer(source, path, plan)
     model = AutoModelForCausalLM.from_pretrained(path, **plan.from_pretrained_kwargs())
     if plan.adapters:
-        model = apply_adapters(model, plan.adapters, trainable=plan.purpose == "training")
+        model = apply_adapters(
+            model, plan.adapters, trainable=plan.purpose == "training", merge_all=plan.merge_all_adapters
+        )
     resolved = source.with_config(template=plan.template, default_system=plan.default_system)
     return LoadedModel(source=resolved, model=model, tokenizer=tokenizer, template=template, adapters=plan.adapters)

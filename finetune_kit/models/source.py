@@ -119,6 +119,12 @@ class ModelSource:
     def display_name(self) -> str:
         return (BUNDLED_PREFIX + self.location) if self.kind == "bundled" else self.location
 
+    def local_path(self) -> Path | None:
+        """The model folder when it is already on disk without converting or downloading (else None)."""
+        if self.kind == "local":
+            return Path(self.location)
+        return None
+
     def resolve(self) -> Path:
         """Return a local directory that ``from_pretrained`` can load (downloading or converting once)."""
         if self.kind == "local":

@@ -1,4 +1,4 @@
-"""LoRA and training settings (LLaMA-Factory's finetuning and training arguments)."""
+"""Method, LoRA, preference and training settings (LLaMA-Factory's finetuning and training arguments)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,75 @@ from typing import Literal
 
 from finetune_kit.config.base import StageConfig, option
 
+Stage = Literal["sft", "pt", "dpo", "kto"]
+FinetuningType = Literal["lora", "freeze", "full"]
+
+
+@dataclass(frozen=True, repr=False)
+class MethodConfig(StageConfig):
+    """What is trained and on which objective: the stage and the fine-tuning type (LoRA, freeze or full)."""
+
+    section = "method"
+
+    stage: Stage = option(
+        "sft",
+        "Training stage: sft (instructions), pt (plain text), dpo (preference pairs: sigmoid/orpo/simpo/...) or "
+        "kto (liked/disliked replies).",
+    )
+    finetuning_type: FinetuningType = option(
+        "lora", "lora (adapters), freeze (train the last/first layers only) or full (every weight)."
+    )
+    freeze_trainable_layers: int = option(
+        2, "freeze: how many hidden layers train; positive = the last n layers, negative = the first n."
+    )
+    freeze_trainable_modules: tuple[str, ...] = option(
+        ("all",), "freeze: module names inside those layers that train (mlp,self_attn,...), or 'all'."
+    )
+    freeze_extra_modules: tuple[str, ...] | None = option(
+        None, "freeze: modules outside the hidden layers that train too (embed_tokens, lm_head, norm, ...)."
+    )
+
+    def _check(self) -> list[str]:
+        problems = []
+        if self.freeze_trainable_layers == 0:
+            problems.append("freeze_trainable_layers: got 0; expected a positive (last n) or negative (first n) count")
+        if not self.freeze_trainable_modules:
+            problems.append("freeze_trainable_modules is empty; use 'all' or module names like mlp,self_attn")
+        return problems
+
+
+@dataclass(frozen=True, repr=False)
+class PreferenceConfig(StageConfig):
+    """The preference objective of the dpo and kto stages (LLaMA-Factory's keys, computed by TRL)."""
+
+    section = "preference"
+
+    pref_beta: float = option(0.1, "beta: how far the policy may move from the reference (dpo, orpo, simpo, kto).")
+    pref_loss: Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"] = option(
+        "sigmoid",
+        "dpo loss: sigmoid (DPO), hinge, ipo, orpo (no reference model) or simpo (no reference model).",
+    )
+    pref_ftx: float = option(0.0, "Weight of the supervised (chosen-reply) loss added to the preference loss.")
+    simpo_gamma: float = option(0.5, "SimPO's target reward margin.")
+    dpo_label_smoothing: float = option(0.0, "Robust DPO: assumed share of flipped preference labels, in [0, 0.5).")
+    kto_chosen_weight: float = option(1.0, "kto: weight of the desirable (liked) replies' loss.")
+    kto_rejected_weight: float = option(1.0, "kto: weight of the undesirable (disliked) replies' loss.")
+
+    def _check(self) -> list[str]:
+        problems = []
+        if self.pref_beta <= 0:
+            problems.append(f"pref_beta: got {self.pref_beta}; expected a positive number such as 0.1")
+        if self.pref_ftx < 0:
+            problems.append(f"pref_ftx: got {self.pref_ftx}; expected 0 or a positive weight")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            problems.append(f"dpo_label_smoothing: got {self.dpo_label_smoothing}; expected a value in [0, 0.5)")
+        if self.dpo_label_smoothing and self.pref_loss != "sigmoid":
+            problems.append("dpo_label_smoothing works with pref_loss: sigmoid only")
+        for name in ("kto_chosen_weight", "kto_rejected_weight"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}: got {getattr(self, name)}; expected a positive weight such as 1.0")
+        return problems
+
 
 @dataclass(frozen=True, repr=False)
 class LoraConfig(StageConfig):
@@ -14,7 +83,6 @@ class LoraConfig(StageConfig):
 
     section = "lora"
 
-    finetuning_type: Literal["lora"] = option("lora", "Only lora for now (freeze/full/oft are planned).")
     lora_rank: int = option(8, "LoRA rank r.")
     lora_alpha: int | None = option(None, "LoRA alpha; default 2 x lora_rank (LLaMA-Factory's default).")
     lora_dropout: float = option(0.0, "Dropout on the LoRA path.")
@@ -24,6 +92,23 @@ class LoraConfig(StageConfig):
     )
     additional_target: tuple[str, ...] | None = option(None, "Modules trained in full and saved with the adapter.")
     use_rslora: bool = option(False, "Rank-stabilized LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA): a learned magnitude per output channel.")
+    pissa_init: bool = option(
+        False, "Initialise LoRA from the principal singular vectors of each weight (PiSSA) instead of zeros."
+    )
+    pissa_iter: int = option(16, "Fast-SVD iterations for PiSSA; -1 = exact SVD.")
+    pissa_convert: bool = option(
+        True,
+        "Save a PiSSA adapter as a plain LoRA that applies to the original base (rank 2r). false keeps the raw "
+        "PiSSA adapter, which only applies to the residual base (LLaMA-Factory's default).",
+    )
+    loraplus_lr_ratio: float | None = option(
+        None, "LoRA+: learning rate of the B matrices = learning_rate x this ratio (16 is the paper's choice)."
+    )
+    loraplus_lr_embedding: float = option(1e-6, "LoRA+: learning rate of LoRA embedding layers.")
+    create_new_adapter: bool = option(
+        False, "With adapter_name_or_path: merge every given adapter and train a fresh one on top (not the last)."
+    )
 
     def _check(self) -> list[str]:
         problems = []
@@ -35,6 +120,14 @@ class LoraConfig(StageConfig):
             problems.append(f"lora_dropout: got {self.lora_dropout}; expected a value in [0, 1)")
         if not self.lora_target:
             problems.append("lora_target is empty; use 'all' or module names like q_proj,v_proj")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            problems.append(f"loraplus_lr_ratio: got {self.loraplus_lr_ratio}; expected a positive number such as 16")
+        if self.pissa_init and self.use_dora:
+            problems.append("pissa_init and use_dora cannot be combined (peft supports one initialisation); pick one")
+        if self.pissa_iter < -1 or self.pissa_iter == 0:
+            problems.append(
+                f"pissa_iter: got {self.pissa_iter}; expected -1 (exact SVD) or a positive count such as 16"
+            )
         return problems
 
     @property
@@ -78,6 +171,11 @@ class TrainingConfig(StageConfig):
     report_to: tuple[str, ...] = option(("none",), "Experiment trackers: none, tensorboard, wandb, ...")
     dataloader_num_workers: int = option(0, "Worker processes for data loading.")
     disable_tqdm: bool = option(False, "Hide the progress bar.")
+    nonfinite_loss: Literal["stop", "skip"] = option(
+        "stop",
+        "When the loss or gradient norm is NaN/inf: stop with a message naming the step (the last checkpoint stays "
+        "usable), or skip that batch's update and go on.",
+    )
 
     def _check(self) -> list[str]:
         problems = []

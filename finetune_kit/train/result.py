@@ -35,6 +35,7 @@ class TrainResult:
     log_history: tuple[dict[str, Any], ...] = field(default=(), repr=False)
     plots: tuple[Path, ...] = ()
     model: LoadedModel | None = field(default=None, repr=False, compare=False)
+    finetuning_type: str = "lora"
 
     def __repr__(self) -> str:
         loss = self.metrics.get("train_loss")
@@ -47,9 +48,24 @@ class TrainResult:
         return self.output_dir
 
     @property
+    def is_adapter(self) -> bool:
+        """True when ``output_dir`` holds a LoRA adapter; False when it holds a whole model (freeze/full)."""
+        return self.finetuning_type == "lora"
+
+    @property
     def adapters(self) -> tuple[str, ...]:
-        """Every adapter of the trained model, in order: the base's, then this run's."""
+        """Every adapter of the trained model, in order: the base's, then this run's (none for freeze/full)."""
+        if not self.is_adapter:
+            return ()
         return (*(self.base.config.adapter_name_or_path or ()), str(self.output_dir))
+
+    @property
+    def trained_source(self) -> ModelSource:
+        """Where the trained model loads from: the base with the adapters, or the saved whole model."""
+        if self.is_adapter:
+            return self.base.with_config(adapter_name_or_path=self.adapters)
+        keep = {k: getattr(self.base.config, k) for k in ("template", "default_system", "tool_format")}
+        return ModelSource.local(self.output_dir).with_config(**{k: v for k, v in keep.items() if v is not None})
 
     @property
     def losses(self) -> list[tuple[int, float]]:
@@ -61,7 +77,7 @@ class TrainResult:
         the base loaded from disk with the adapters applied (``changes`` are ModelConfig fields)."""
         if self.model is not None and not changes:
             return self.model
-        return self.base.load(adapter_name_or_path=self.adapters, **changes)
+        return self.trained_source.load(**changes)
 
     @classmethod
     def from_dir(cls, output_dir: str | Path) -> TrainResult:
@@ -78,4 +94,8 @@ class TrainResult:
         history = tuple(json.loads(state.read_text()).get("log_history", [])) if state.is_file() else ()
         metrics_file = out / TRAIN_RESULTS
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        return cls(out, base, metrics, history, tuple(sorted(out.glob(LOSS_PLOT.format(key="*")))))
+        kind = str(record.get("config", {}).get("method", {}).get("finetuning_type", "lora"))
+        if kind != "lora":
+            base = base.with_config(template=base.config.template or record.get("template"))
+        plots = tuple(sorted(out.glob(LOSS_PLOT.format(key="*"))))
+        return cls(out, base, metrics, history, plots, finetuning_type=kind)

@@ -1,8 +1,10 @@
-"""The training loop: ``transformers.Trainer`` over resolved values, then every artifact of the run.
+"""The training loop: a ``transformers.Trainer`` (or TRL trainer) over resolved values, then every artifact.
 
-``fit`` knows nothing about ``LoraTrainer``: it takes a ready model, training arguments,
-tokenized data (which supplies its own collator, so packing can plug in) and the provenance
-record to save. DPO, full fine-tuning or another method reuses it with a different model.
+``fit`` knows nothing about ``LoraTrainer``: it takes a ready model, the stage's
+:class:`~finetune_kit.train.stages.Objective`, training arguments, tokenized data (which supplies
+its own collator for sft/pt, so packing can plug in) and the provenance record to save. The
+trainer class gets :class:`~finetune_kit.train.safety.SafeTrainerMixin` in front (atomic
+checkpoints, non-finite guard) and the display callbacks of :mod:`finetune_kit.train.progress`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_kit._artifacts import RUN_RECORD, TRAIN_RESULTS, write_record
 from finetune_kit._fs import write_json
+from finetune_kit.errors import FinetuneKitError
 from finetune_kit.train.plot import plot_loss
+from finetune_kit.train.progress import console_callbacks
+from finetune_kit.train.safety import SafeTrainerMixin, guard_signals, training_error
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from finetune_kit.data.tokenize import TokenizedDataset
     from finetune_kit.train.config import TrainingConfig
+    from finetune_kit.train.stages import Objective
 
 
 @dataclass(frozen=True)
@@ -30,16 +38,18 @@ class Fitted:
     plots: tuple[Path, ...]
 
 
-def training_arguments(t: TrainingConfig, *, has_eval: bool) -> Any:
-    """``transformers.TrainingArguments`` for ``t`` (built before the model loads: Accelerate's state lives here)."""
+def training_arguments(t: TrainingConfig, *, has_eval: bool, cls: type | None = None, **extra: Any) -> Any:
+    """``transformers.TrainingArguments`` (or the stage's subclass ``cls``, e.g. TRL's ``DPOConfig``, with
+    ``extra`` fields) for ``t``; built before the model loads, as Accelerate's state lives here."""
     import torch
     from transformers import TrainingArguments
 
+    cls = cls or TrainingArguments
     warmup: float = t.warmup_steps if t.warmup_steps else t.warmup_ratio  # transformers reads <1 as a ratio
     eval_kwargs: dict[str, Any] = {}
     if has_eval:
         eval_kwargs = {"eval_strategy": "steps" if t.eval_steps else "epoch", "eval_steps": t.eval_steps}
-    return TrainingArguments(
+    return cls(
         output_dir=t.output_dir,
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs,
@@ -68,6 +78,7 @@ def training_arguments(t: TrainingConfig, *, has_eval: bool) -> Any:
         include_num_input_tokens_seen=True,
         **_version_kwargs(t),
         **eval_kwargs,
+        **extra,
     )
 
 
@@ -91,43 +102,65 @@ def _version_kwargs(t: TrainingConfig) -> dict[str, Any]:
 
 def fit(
     model: Any,
+    objective: Objective,
     args: Any,
     train_set: TokenizedDataset,
     eval_set: TokenizedDataset | None,
     *,
+    t: TrainingConfig,
     tokenizer: Any,
     out: Path,
     resume: str | None,
     record: dict[str, Any],
-    plot: bool,
+    save: Callable[[Any, Path], None] | None = None,
 ) -> Fitted:
-    """Train ``model`` with ``transformers.Trainer``; on the main process write the adapter, tokenizer,
-    state, metrics, ``record`` (the provenance) and, if ``plot``, the loss plots to ``out``."""
-    from transformers import Trainer
-
-    from finetune_kit.train.callbacks import JsonlLogCallback  # imports transformers
-
+    """Train ``model`` for ``objective``; on the main process write the model (``save(model, out)`` when
+    given, else the trainer's own save), tokenizer, state, metrics, ``record`` (the provenance) and,
+    if ``t.plot_loss``, the loss plots to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    hf = Trainer(
+    base = objective.trainer
+    cls = type("Safe" + base.__name__, (SafeTrainerMixin, base), {})
+    add, remove = console_callbacks(out, disable_tqdm=t.disable_tqdm)
+    kwargs: dict[str, Any] = dict(
         model=model,
         args=args,
         train_dataset=train_set.dataset,
         eval_dataset=eval_set.dataset if eval_set is not None else None,
-        data_collator=train_set.collator(tokenizer),
         processing_class=tokenizer,
-        callbacks=[JsonlLogCallback(out)],
+        callbacks=add,
     )
-    output = hf.train(resume_from_checkpoint=resume)
-    metrics = dict(output.metrics)
-    if eval_set is not None:
-        metrics.update(hf.evaluate())
+    if objective.collates:
+        kwargs["data_collator"] = train_set.collator(tokenizer)
+    try:
+        hf = cls(**kwargs)
+    except FinetuneKitError:
+        raise
+    except Exception as exc:
+        raise training_error(exc, out=out) from exc
+    for callback in remove:
+        hf.remove_callback(callback)
+    hf.nonfinite_loss = t.nonfinite_loss
+    hf.finetune_kit_output = out
+    with guard_signals(hf):
+        try:
+            output = hf.train(resume_from_checkpoint=resume)
+            metrics = dict(output.metrics)
+            if eval_set is not None:
+                metrics.update(hf.evaluate())
+        except FinetuneKitError:
+            raise
+        except Exception as exc:
+            raise training_error(exc, out=out) from exc
     plots: tuple[Path, ...] = ()
     if hf.is_world_process_zero():
-        hf.save_model(str(out))
+        if save is not None:
+            save(hf.model, out)
+        else:
+            hf.save_model(str(out))
         tokenizer.save_pretrained(out)
         hf.save_state()
         write_json(out / TRAIN_RESULTS, metrics)
         write_record(out, RUN_RECORD, record)
-        if plot:
+        if t.plot_loss:
             plots = tuple(plot_loss(hf.state.log_history, out))
     return Fitted(metrics=metrics, log_history=tuple(hf.state.log_history), plots=plots)

@@ -1,10 +1,11 @@
-"""LoraTrainer: LoRA supervised fine-tuning; it loads what it trains, attaches LoRA and runs the loop."""
+"""LoraTrainer: fine-tuning of a model (LoRA, QLoRA, freeze or full; sft, pt, dpo or kto).
+
+It loads what it trains, prepares the method, and hands the stage's trainer to the loop.
+"""
 
 from __future__ import annotations
 
-import math
 import os
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,30 +17,39 @@ from finetune_kit.data.conversations import Conversations, ConversationStream
 from finetune_kit.data.stream import tokenize_stream
 from finetune_kit.data.tokenize import TokenizedDataset
 from finetune_kit.environment import Environment
-from finetune_kit.errors import ConfigError, FinetuneKitWarning, OutputExistsError, did_you_mean
-from finetune_kit.models.adapters import is_peft, shared_clone
+from finetune_kit.errors import ConfigError, did_you_mean
+from finetune_kit.models.adapters import is_peft
 from finetune_kit.models.loaded import LoadedModel
-from finetune_kit.models.loader import LoadPlan, load_model, load_tokenizer, plan_load
+from finetune_kit.models.loader import LoadPlan, load_tokenizer, plan_load
+from finetune_kit.models.quantize import check_quantization, is_quantized
 from finetune_kit.models.source import ModelSource
-from finetune_kit.train.config import LoraConfig, TrainingConfig
-from finetune_kit.train.lora import attach_lora, count_lora_params, resolve_targets
+from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
+from finetune_kit.train.explain import explain_trainer
+from finetune_kit.train.held import Held
+from finetune_kit.train.lora import resolve_targets, save_adapter
+from finetune_kit.train.methods import prepare
+from finetune_kit.train.outputs import resume_point
 from finetune_kit.train.result import TrainResult
 from finetune_kit.train.run import fit, training_arguments
+from finetune_kit.train.stages import check_stage, objective
 
 if TYPE_CHECKING:
     from finetune_kit.data.template import ChatTemplate
 
 Data = Conversations | ConversationStream | TokenizedDataset
 _SELECTION = set(DataConfig.field_names())
+_DATA_STAGE = {"sft": "sft", "pt": "pt", "dpo": "dpo", "kto": "kto"}
 
 
 @dataclass(frozen=True)
 class LoraTrainer:
-    """Train a LoRA adapter on a model: a :class:`ModelSource` (the trainer loads it, the way the
-    training settings need) or an already loaded :class:`LoadedModel` (left unchanged).
+    """Fine-tune a model: a :class:`ModelSource` (the trainer loads it, the way the training
+    settings need) or an already loaded :class:`LoadedModel` (left unchanged).
 
-    Every ``with_*`` call returns a new trainer; nothing heavy runs until :meth:`tokenize` or
-    :meth:`train`. Example::
+    LoRA SFT by default; :meth:`with_quantization` makes it QLoRA, :meth:`with_freeze` and
+    :meth:`with_full` train the weights themselves, :meth:`with_pretraining`, :meth:`with_dpo`
+    and :meth:`with_kto` change the objective. Every ``with_*`` call returns a new trainer;
+    nothing heavy runs until :meth:`tokenize` or :meth:`train`. Example::
 
         trainer = (LoraTrainer(ModelSource.bundled())
                    .with_lora(lora_rank=8, lora_target="all")
@@ -47,12 +57,17 @@ class LoraTrainer:
         tokens = trainer.tokenize(data)          # once; explain() and train() reuse it
         print(trainer.explain(tokens))
         result = trainer.train(tokens)
+
+        dpo = trainer.with_dpo(pref_beta=0.1).with_training(output_dir="saves/dpo", learning_rate=5e-6)
+        result = dpo.train(registry.load("dpo_en_demo", stage="dpo"))
     """
 
     model: LoadedModel | ModelSource
     lora: LoraConfig = LoraConfig()
     training: TrainingConfig = TrainingConfig()
     encoding: EncodingConfig = EncodingConfig(cutoff_len=1024)
+    method: MethodConfig = MethodConfig()
+    preference: PreferenceConfig = PreferenceConfig()
     _tokenized: dict[int, tuple[Conversations | ConversationStream, TokenizedDataset]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -63,12 +78,20 @@ class LoraTrainer:
                 f"LoraTrainer needs a ModelSource or a LoadedModel, got {type(self.model).__name__}. "
                 "Fix: LoraTrainer(ModelSource.bundled())"
             )
+        if isinstance(self.model, ModelSource):
+            check_quantization(self.model.config, path=self.model.local_path())
+        if self.method.finetuning_type != "lora" and self._quantized():
+            raise ConfigError(
+                f"finetuning_type: {self.method.finetuning_type} cannot train quantized weights. Fix: use "
+                "finetuning_type: lora (QLoRA), or load the model without quantization_bit"
+            )
 
     def __repr__(self) -> str:
-        t = self.training
+        t, m = self.training, self.method
+        what = f"r={self.lora.lora_rank}, alpha={self.lora.alpha}" if m.finetuning_type == "lora" else m.finetuning_type
+        stage = "" if m.stage == "sft" else f"{m.stage}, "
         return (
-            f"LoraTrainer({self.source.display_name}, r={self.lora.lora_rank}, alpha={self.lora.alpha}, "
-            f"lr={t.learning_rate}, output_dir={t.output_dir!r})"
+            f"LoraTrainer({self.source.display_name}, {stage}{what}, lr={t.learning_rate}, output_dir={t.output_dir!r})"
         )
 
     @property
@@ -77,8 +100,49 @@ class LoraTrainer:
         return self.model if isinstance(self.model, ModelSource) else self.model.source
 
     def with_lora(self, **changes: Any) -> LoraTrainer:
-        """New trainer with :class:`LoraConfig` fields changed (lora_rank, lora_alpha, lora_target, ...)."""
-        return replace(self, lora=self.lora.with_(**changes))
+        """New trainer training LoRA adapters, with :class:`LoraConfig` fields changed (lora_rank, lora_alpha,
+        lora_target, use_dora, use_rslora, pissa_init, loraplus_lr_ratio, create_new_adapter, ...)."""
+        return replace(self, lora=self.lora.with_(**changes), method=self.method.with_(finetuning_type="lora"))
+
+    def with_freeze(self, **changes: Any) -> LoraTrainer:
+        """New trainer doing freeze tuning: only some hidden layers train (freeze_trainable_layers,
+        freeze_trainable_modules, freeze_extra_modules: LLaMA-Factory's keys)."""
+        unknown = sorted(k for k in changes if not k.startswith("freeze_"))
+        if unknown:
+            raise ConfigError(f"with_freeze takes freeze_* keys only, got {unknown}")
+        return replace(self, method=self.method.with_(finetuning_type="freeze", **changes))
+
+    def with_full(self) -> LoraTrainer:
+        """New trainer doing full fine-tuning: every weight trains (and the whole model is saved)."""
+        return replace(self, method=self.method.with_(finetuning_type="full"))
+
+    def with_quantization(self, **changes: Any) -> LoraTrainer:
+        """New trainer loading the base in 4 or 8 bits for QLoRA (quantization_bit, quantization_type,
+        double_quantization). Raises now on a machine without CUDA or bitsandbytes."""
+        if not isinstance(self.model, ModelSource):
+            raise ConfigError(
+                "with_quantization needs a ModelSource: an already loaded model keeps its weights as they are. "
+                "Fix: LoraTrainer(ModelSource...).with_quantization(quantization_bit=4)"
+            )
+        changes.setdefault("quantization_bit", 4)
+        return replace(self, model=self.model.with_config(**changes))
+
+    def with_stage(self, stage: str, **preference: Any) -> LoraTrainer:
+        """New trainer for ``stage`` (sft, pt, dpo, kto) with :class:`PreferenceConfig` fields changed."""
+        return replace(self, method=self.method.with_(stage=stage), preference=self.preference.with_(**preference))
+
+    def with_pretraining(self) -> LoraTrainer:
+        """New trainer continuing pre-training on plain text (stage pt: every token is trained)."""
+        return self.with_stage("pt")
+
+    def with_dpo(self, **preference: Any) -> LoraTrainer:
+        """New trainer for preference pairs (stage dpo): pref_beta, pref_loss (sigmoid, hinge, ipo, orpo,
+        simpo), pref_ftx, simpo_gamma, dpo_label_smoothing."""
+        return self.with_stage("dpo", **preference)
+
+    def with_kto(self, **preference: Any) -> LoraTrainer:
+        """New trainer for liked/disliked replies (stage kto): pref_beta, kto_chosen_weight, kto_rejected_weight."""
+        return self.with_stage("kto", **preference)
 
     def with_training(self, **changes: Any) -> LoraTrainer:
         """New trainer with :class:`TrainingConfig` fields changed (learning_rate, num_train_epochs, ...)."""
@@ -104,14 +168,16 @@ class LoraTrainer:
         """How :meth:`train` will load the model (None when it was given an already loaded model)."""
         if isinstance(self.model, LoadedModel):
             return None
-        return plan_load(self.model, purpose="training", bf16=self.training.bf16, fp16=self.training.fp16)
+        t = self.training
+        merge_all = self.method.finetuning_type != "lora" or self.lora.create_new_adapter
+        return plan_load(self.model, purpose="training", bf16=t.bf16, fp16=t.fp16, merge_all_adapters=merge_all)
 
     def target_modules(self) -> list[str]:
         """The module names LoRA wraps (``lora_target: all`` = every linear layer but the head)."""
-        return resolve_targets(self._structure(), self.lora)
+        return resolve_targets(self._structure(), self.lora, continue_adapter=self._continues())
 
     def tokenize(self, data: Data) -> TokenizedDataset:
-        """Encode ``data`` with the model's template and this trainer's encoding settings, once.
+        """Encode ``data`` with the model's template, this trainer's encoding settings and stage, once.
 
         The result is remembered: :meth:`explain` and :meth:`train` given the same
         ``Conversations`` reuse it, and a ``TokenizedDataset`` is checked and passed through.
@@ -135,7 +201,7 @@ class LoraTrainer:
         if cached is not None and cached[0] is data:
             return cached[1]
         tokenizer, template = self._tokenizer()
-        e = self.encoding
+        e, stage = self.encoding, _DATA_STAGE[self.method.stage]
         if isinstance(data, ConversationStream):
             if self.training.max_steps <= 0:
                 raise ConfigError(
@@ -143,6 +209,7 @@ class LoraTrainer:
                 )
             if self.training.group_by_length:
                 raise ConfigError("group_by_length needs every example up front. Fix: turn it off for streamed data")
+            check_stage(self.method, per_device_train_batch_size=2, streaming=True)
             stream = tokenize_stream(
                 data,
                 tokenizer,
@@ -150,6 +217,7 @@ class LoraTrainer:
                 cutoff_len=e.cutoff_len,
                 train_on_prompt=e.train_on_prompt,
                 mask_history=e.mask_history,
+                stage=stage,
             )
             self._tokenized[id(data)] = (data, stream)
             return stream
@@ -160,6 +228,7 @@ class LoraTrainer:
             cutoff_len=e.cutoff_len,
             train_on_prompt=e.train_on_prompt,
             mask_history=e.mask_history,
+            stage=stage,
             num_workers=e.preprocessing_num_workers or 1,
             cache=not e.overwrite_cache,
             tokenized_path=e.tokenized_path if keep else None,
@@ -168,71 +237,50 @@ class LoraTrainer:
         return done
 
     def explain(self, data: Data | None = None) -> str:
-        """The resolved plan: loading, targets, parameter counts, batch sizes and steps, before training."""
-        import torch
-
-        t = self.training
-        structure = self._structure()
-        total = sum(p.numel() for p in structure.parameters())
-        targets = resolve_targets(structure, self.lora)
-        lora_params = count_lora_params(structure, targets, self.lora.lora_rank)
-        whole = total if is_peft(structure) else total + lora_params  # a loaded adapter is counted in total
-        devices = _world_size() or max(torch.cuda.device_count(), 1)
-        effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * devices
-        plan = self.load_plan()
-        lines = [
-            plan.explain() if plan is not None else f"model:            {self.model!r} (loaded; left unchanged)",
-            f"LoRA:             r={self.lora.lora_rank}, alpha={self.lora.alpha}, dropout={self.lora.lora_dropout}",
-            f"targets:          {', '.join(targets)}",
-            f"trainable params: {lora_params:,} of {whole:,} ({100 * lora_params / whole:.3f}%)",
-            f"batch:            {t.per_device_train_batch_size} per device x {t.gradient_accumulation_steps} "
-            f"accumulation x {devices} device(s) = {effective} per step",
-            f"optimizer:        {t.optim}, lr {t.learning_rate}, {t.lr_scheduler_type} schedule, "
-            f"precision {'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}",
-            f"template:         {self._template_name()}, cutoff_len {self.encoding.cutoff_len}",
-            f"output_dir:       {t.output_dir}",
-        ]
-        if data is not None:
-            tok = self.tokenize(data)
-            steps = (
-                t.max_steps
-                if t.max_steps > 0 or tok.streaming
-                else math.ceil(
-                    math.ceil(len(tok) / (t.per_device_train_batch_size * devices))
-                    / t.gradient_accumulation_steps
-                    * t.num_train_epochs
-                )
-            )
-            lines.insert(6, f"data:             {tok!r}")
-            lines.insert(7, f"steps:            {steps}")
-        return "\n".join(lines)
+        """The resolved plan: loading, method, trained parameters, batch sizes and steps, before training."""
+        return explain_trainer(self, self.tokenize(data) if data is not None else None)
 
     def train(self, data: Data, eval_data: Data | None = None) -> TrainResult:
-        """Run LoRA SFT and write the adapter, tokenizer, provenance, log and plots to ``output_dir``.
+        """Train and write the adapter (or the whole model for freeze/full tuning), tokenizer, provenance,
+        log and plots to ``output_dir``.
 
-        A :class:`LoadedModel` passed to the trainer is not changed: LoRA is attached to a copy
-        of its module tree that shares the weights. The trained model stays in memory on the
-        returned :class:`TrainResult` (``result.load()``).
+        A :class:`LoadedModel` passed to the trainer is not changed: training runs on a copy of
+        its module tree that shares the weights it does not write. The trained model stays in
+        memory on the returned :class:`TrainResult` (``result.load()``).
         """
-        t = self.training
+        t, m = self.training, self.method
         Environment.detect().require(bf16=t.bf16, fp16=t.fp16)
         _check_optim(t.optim)
         for given in (data, eval_data):
             if isinstance(given, TokenizedDataset):
                 self._check_encoding(given)
         out = Path(t.output_dir)
-        resume = self._resume_point(out)
+        resume = resume_point(t, out)
         train_set = self.tokenize(data)
         eval_set = self._tokenize(eval_data, keep=False) if eval_data is not None else None
-        args = training_arguments(t, has_eval=eval_set is not None)  # before loading: Accelerate's state lives here
-        held = _Held.take(self.model, self.load_plan())
+        check_stage(m, per_device_train_batch_size=t.per_device_train_batch_size, streaming=train_set.streaming)
+        goal = objective(m, self.preference, self.lora)
+        # before loading: Accelerate's state lives in the arguments
+        args = training_arguments(t, has_eval=eval_set is not None, cls=goal.arguments, **goal.arguments_kwargs)
+        held = Held.take(
+            self.model,
+            self.load_plan(),
+            m,
+            self.lora,
+            lambda module: resolve_targets(module, self.lora, continue_adapter=self._continues()),
+        )
         try:
-            targets = resolve_targets(held.module, self.lora)
-            peft_model = attach_lora(
-                held.module, self.lora, targets, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing
+            targets = (
+                resolve_targets(held.module, self.lora, continue_adapter=self._continues())
+                if m.finetuning_type == "lora"
+                else []
+            )
+            trained = prepare(
+                held.module, m, self.lora, targets, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing
             )
             base = held.base_source
-            adapters = (*(base.config.adapter_name_or_path or ()), str(out))
+            lora = m.finetuning_type == "lora"
+            adapters = (*(base.config.adapter_name_or_path or ()), str(out)) if lora else ()
             record = provenance(
                 "train",
                 model=base.display_name,
@@ -242,41 +290,53 @@ class LoraTrainer:
                 config={
                     "model": base.config.to_saved_dict(),
                     "encoding": self.encoding.to_dict(),
+                    "method": m.to_dict(),
                     "lora": self.lora.to_dict(),
+                    "preference": self.preference.to_dict(),
                     "training": t.to_dict(),
                 },
                 resolved={"lora_target": targets, "lora_alpha": self.lora.alpha, "template": held.template.name},
             )
             saving = held.loaded.tokenizer_with_template()
             saving.padding_side = "right"
+            pissa = save_adapter(trained, self.lora, out) if lora and self.lora.pissa_init else None
             fitted = fit(
-                peft_model,
+                trained,
+                goal,
                 args,
                 train_set,
                 eval_set,
+                t=t,
                 tokenizer=saving,
                 out=out,
                 resume=resume,
                 record=record,
-                plot=t.plot_loss,
+                save=pissa,
             )
         finally:
             held.restore()
-        tuned = LoadedModel(
-            source=base.with_config(adapter_name_or_path=adapters),
-            model=peft_model,
-            tokenizer=held.loaded.tokenizer,
-            template=held.template,
-            adapters=adapters,
-        )
         return TrainResult(
             output_dir=out,
             base=base,
             metrics=fitted.metrics,
             log_history=fitted.log_history,
             plots=fitted.plots,
-            model=tuned,
+            model=_tuned(held, trained, base, adapters, out),
+            finetuning_type=m.finetuning_type,
         )
+
+    def _quantized(self) -> bool:
+        if isinstance(self.model, LoadedModel):
+            return is_quantized(self.model.model)
+        return self.model.config.quantization_bit is not None
+
+    def _continues(self) -> bool:
+        """True when training continues the model's last adapter (rather than a fresh one)."""
+        if self.method.finetuning_type != "lora" or self.lora.create_new_adapter:
+            return False
+        if isinstance(self.model, LoadedModel):
+            return is_peft(self.model.model)
+        return bool(self.model.config.adapter_name_or_path)
 
     def _structure(self) -> Any:
         """The model's module tree: the loaded one, or an empty (meta-device) copy built from its config."""
@@ -303,6 +363,12 @@ class LoraTrainer:
         return (plan.template if plan is not None else None) or "the tokenizer's own"
 
     def _check_encoding(self, data: TokenizedDataset) -> None:
+        stage = _DATA_STAGE[self.method.stage]
+        if data.stage != stage:
+            raise ConfigError(
+                f"this TokenizedDataset was encoded for stage {data.stage}, but the trainer trains stage "
+                f"{self.method.stage}. Fix: tokenize with this trainer: trainer.tokenize(conversations)"
+            )
         e, template = self.encoding, self._template_name()
         made = (data.cutoff_len, data.train_on_prompt, data.mask_history)
         if made != (e.cutoff_len, e.train_on_prompt, e.mask_history) or (
@@ -315,37 +381,17 @@ class LoraTrainer:
                 f"mask_history={e.mask_history}. Fix: tokenize with this trainer: trainer.tokenize(conversations)"
             )
 
-    def _resume_point(self, out: Path) -> str | None:
-        t = self.training
-        if t.resume_from_checkpoint:
-            if t.resume_from_checkpoint == "latest":
-                last = last_checkpoint(out)
-                if last is None:
-                    raise ConfigError(
-                        f"resume_from_checkpoint: latest, but {out} has no checkpoint-* folder to resume from"
-                    )
-                return last
-            if not Path(t.resume_from_checkpoint).is_dir():
-                raise ConfigError(
-                    f"resume_from_checkpoint={t.resume_from_checkpoint!r} is not a folder. Fix: point "
-                    "it at a checkpoint-* folder inside a previous output_dir"
-                )
-            return t.resume_from_checkpoint
-        if not out.exists() or not any(out.iterdir()) or t.overwrite_output_dir:
-            return None
-        last = last_checkpoint(out)
-        if last:
-            warnings.warn(
-                f"Resuming training from {last} (output_dir already has checkpoints). Change output_dir or "
-                "set overwrite_output_dir: true to start over.",
-                FinetuneKitWarning,
-                stacklevel=3,
-            )
-            return last
-        raise OutputExistsError(
-            f"output_dir {out} already exists and is not empty. Fix: choose a new output_dir, or "
-            "set overwrite_output_dir: true to write over it"
-        )
+
+def _tuned(held: Held, trained: Any, base: ModelSource, adapters: tuple[str, ...], out: Path) -> LoadedModel:
+    """The trained model as a :class:`LoadedModel`: base + adapters, or the saved full model's folder."""
+    if adapters:
+        source = base.with_config(adapter_name_or_path=adapters)
+    else:
+        keep = {"template": held.template.name, "default_system": base.config.default_system}
+        source = ModelSource.local(out).with_config(**{k: v for k, v in keep.items() if v is not None})
+    return LoadedModel(
+        source=source, model=trained, tokenizer=held.loaded.tokenizer, template=held.template, adapters=adapters
+    )
 
 
 _SELECTION_FIX = {
@@ -355,47 +401,6 @@ _SELECTION_FIX = {
     "max_samples": "use registry.load('name', max_samples=N) or conversations.head(N)",
     "val_size": "split the data: train, val = conversations.split(val_size); trainer.train(train, val)",
 }
-
-
-@dataclass
-class _Held:
-    """The module tree the trainer attaches LoRA to, and how to give the caller's model back untouched."""
-
-    loaded: LoadedModel
-    module: Any
-    base_source: ModelSource
-    grad_flags: list[tuple[Any, bool]]
-
-    @property
-    def template(self) -> ChatTemplate:
-        return self.loaded.template
-
-    @classmethod
-    def take(cls, model: LoadedModel | ModelSource, plan: LoadPlan | None) -> _Held:
-        if isinstance(model, ModelSource):
-            assert plan is not None
-            loaded = load_model(model, plan)
-            return cls(loaded, loaded.model, _base_of(loaded), [])
-        # the caller's model: a copy of its modules that shares the weights (a continued adapter is copied)
-        flags = [(p, p.requires_grad) for p in model.model.parameters()]
-        copy_if = (lambda name: "lora_" in name) if is_peft(model.model) else (lambda name: False)
-        return cls(model, shared_clone(model.model, copy_if=copy_if), _base_of(model), flags)
-
-    def restore(self) -> None:
-        for p, flag in self.grad_flags:
-            p.requires_grad_(flag)
-
-
-def _base_of(loaded: LoadedModel) -> ModelSource:
-    """The source of the model the trained adapter applies to: a continued (last) adapter is replaced."""
-    kept = loaded.adapters[:-1]
-    return loaded.source.with_config(adapter_name_or_path=kept or None)
-
-
-def last_checkpoint(out: Path) -> str | None:
-    """The ``checkpoint-N`` folder with the highest N in ``out``, if any."""
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
 
 
 def _check_optim(name: str) -> None:
