@@ -41,6 +41,8 @@ _EXPORTS = {
     "LoraTrainer": "finetune_kit.train.trainer",
     "LoraConfig": "finetune_kit.train.config",
     "TrainingConfig": "finetune_kit.train.config",
+    "MethodConfig": "finetune_kit.train.config",
+    "PreferenceConfig": "finetune_kit.train.config",
     "TrainResult": "finetune_kit.train.result",
     "Evaluator": "finetune_kit.evaluate.evaluator",
     "EvalReport": "finetune_kit.evaluate.result",
@@ -54,6 +56,8 @@ _EXPORTS = {
     "FinetuneKitError": "finetune_kit.errors",
     "FinetuneKitWarning": "finetune_kit.errors",
     "ConfigError": "finetune_kit.errors",
+    "TrainingError": "finetune_kit.errors",
+    "TrainingInterrupted": "finetune_kit.errors",
     "UnknownKeysError": "finetune_kit.errors",
     "DatasetError": "finetune_kit.errors",
     "DatasetRowError": "finetune_kit.errors",
@@ -105,7 +109,7 @@ if TYPE_CHECKING:
     from finetune_kit.models.source import ModelSource
     from finetune_kit.serve.config import ServeConfig
     from finetune_kit.serve.server import Server, ServerHandle
-    from finetune_kit.train.config import LoraConfig, TrainingConfig
+    from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
     from finetune_kit.train.result import TrainResult
     from finetune_kit.train.trainer import LoraTrainer
 

@@ -98,6 +98,14 @@ class TrainingError(FinetuneKitError, RuntimeError):
     """
 
 
+class TrainingInterrupted(TrainingError):
+    """SIGTERM/SIGINT stopped training after saving a checkpoint; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, *, signum: int, checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.signum, self.checkpoint, self.exit_code = signum, checkpoint, 128 + signum
+
+
 class OutputExistsError(FinetuneKitError, FileExistsError):
     """Refusing to overwrite something the user already has."""
 

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("FINETUNE_KIT_TRACEBACK"):
             raise
         print(f"finetune-kit {command}: error: {exc}", file=sys.stderr)
-        return 1
+        return int(getattr(exc, "exit_code", 1))  # 130/143 after SIGINT/SIGTERM saved a checkpoint
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -12,8 +12,8 @@ from finetune_kit.export._write import prepare_target, write_export
 from finetune_kit.export.config import ExportConfig
 from finetune_kit.export.result import ExportedModel
 from finetune_kit.models.adapters import is_peft, merged_clone
-from finetune_kit.models.quantize import is_quantized
 from finetune_kit.models.loaded import LoadedModel
+from finetune_kit.models.quantize import is_quantized, saved_dtype
 from finetune_kit.models.source import ModelSource
 
 
@@ -54,11 +54,15 @@ class Exporter:
             return held, False
         # "auto": the load plan's rule (this process's GPU if there is one, else the CPU). A quantized
         # (QLoRA) model is merged into the base loaded again in 16 bits, never into 4/8-bit weights.
-        device = "auto" if self.config.export_device == "auto" else "cpu"
-        config = getattr(getattr(self.model, "base", self.model), "config", None)
-        if isinstance(held, LoadedModel) or getattr(config, "quantization_bit", None) is not None:
-            return self.model.load(device=device, quantization_bit=None), True
-        return self.model.load(device=device), True
+        changes: dict[str, Any] = {"device": "auto" if self.config.export_device == "auto" else "cpu"}
+        base = getattr(self.model, "base", self.model)
+        if isinstance(held, LoadedModel) or base.config.quantization_bit is not None:
+            changes["quantization_bit"] = None
+        if base.config.infer_dtype == "auto":  # merge in the dtype the base was saved in (not float32 on a CPU)
+            dtype = saved_dtype(base.resolve())
+            if dtype in ("bfloat16", "float16"):
+                changes["infer_dtype"] = dtype
+        return self.model.load(**changes), True
 
     def merge(self, export_dir: str | Path | None = None) -> ExportedModel:
         """Merge and write to ``export_dir`` (or the config's); returns the :class:`ExportedModel`.

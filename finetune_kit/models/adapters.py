@@ -37,6 +37,19 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def quiet_checkpointing() -> Iterator[None]:
+    """Silence transformers' FutureWarnings about its renamed gradient-checkpointing methods, which TRL
+    still calls at every preference step (nothing a user can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r".*`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated.*",
+            category=FutureWarning,
+        )
+        yield
+
+
 def apply_adapters(model: Any, adapters: Sequence[str], *, trainable: bool = False, merge_all: bool = False) -> Any:
     """Merge all adapters but the last into the weights; keep the last one as a live PeftModel.
 

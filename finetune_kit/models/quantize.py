@@ -29,16 +29,25 @@ PREQUANTIZED: dict[str, tuple[tuple[str, str], ...]] = {
 _CUDA_ONLY = {"awq", "bitsandbytes", "eetq"}
 
 
-def prequantized_method(path: Path) -> str | None:
-    """The ``quant_method`` recorded in a local model folder's config.json (``gptq``, ``awq``, ...), if any."""
+def _config_json(path: Path) -> dict[str, Any]:
     config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return None
-    quant = data.get("quantization_config") or {}
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def saved_dtype(path: Path) -> str | None:
+    """The dtype a model folder's weights were saved in (``config.json``'s ``dtype``/``torch_dtype``), if given."""
+    data = _config_json(path)
+    value = data.get("dtype") or data.get("torch_dtype")
+    return str(value) if value else None
+
+
+def prequantized_method(path: Path) -> str | None:
+    """The ``quant_method`` recorded in a local model folder's config.json (``gptq``, ``awq``, ...), if any."""
+    quant = _config_json(path).get("quantization_config") or {}
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     return str(method).lower() if method else None
 

@@ -100,7 +100,7 @@ def attach_lora(model: Any, lora: LoraConfig, targets: list[str], *, seed: int, 
             target_modules=targets,
             use_rslora=lora.use_rslora,
             use_dora=lora.use_dora,
-            init_lora_weights=pissa_init_name(lora) if lora.pissa_init else True,
+            init_lora_weights=pissa_init_name(lora) if lora.pissa_init else True,  # type: ignore[arg-type]
             modules_to_save=list(lora.additional_target) if lora.additional_target else None,
         )
         with quiet_peft():

@@ -29,6 +29,13 @@ def resume_point(t: TrainingConfig, out: Path) -> str | None:
     if not out.exists() or not any(out.iterdir()) or t.overwrite_output_dir:
         return None
     last = last_checkpoint(out)
+    if last is None and _only_leftovers(out):
+        warnings.warn(
+            f"{out} holds only what a run stopped before its first checkpoint left behind; training starts over.",
+            FinetuneKitWarning,
+            stacklevel=4,
+        )
+        return None
     if last:
         warnings.warn(
             f"Resuming training from {last} (output_dir already has checkpoints). Change output_dir or "
@@ -41,3 +48,12 @@ def resume_point(t: TrainingConfig, out: Path) -> str | None:
         f"output_dir {out} already exists and is not empty. Fix: choose a new output_dir, or "
         "set overwrite_output_dir: true to write over it"
     )
+
+
+# what a run writes before its first complete checkpoint: the log, tracker events, PiSSA's initial
+# adapter and checkpoint folders still being written
+_EARLY = {"trainer_log.jsonl", "runs", "pissa_init"}
+
+
+def _only_leftovers(out: Path) -> bool:
+    return all(p.name in _EARLY or p.name.startswith(".tmp-checkpoint-") for p in out.iterdir())

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from finetune_kit._artifacts import RUN_RECORD, TRAIN_RESULTS, write_record
 from finetune_kit._fs import write_json
 from finetune_kit.errors import FinetuneKitError
+from finetune_kit.models.adapters import quiet_checkpointing
 from finetune_kit.train.plot import plot_loss
-from finetune_kit.train.progress import console_callbacks
+from finetune_kit.train.progress import check_trackers, console_callbacks
 from finetune_kit.train.safety import SafeTrainerMixin, guard_signals, training_error
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ def fit(
     """Train ``model`` for ``objective``; on the main process write the model (``save(model, out)`` when
     given, else the trainer's own save), tokenizer, state, metrics, ``record`` (the provenance) and,
     if ``t.plot_loss``, the loss plots to ``out``."""
+    check_trackers(t.report_to)
     out.mkdir(parents=True, exist_ok=True)
     base = objective.trainer
     cls = type("Safe" + base.__name__, (SafeTrainerMixin, base), {})
@@ -141,16 +143,17 @@ def fit(
         hf.remove_callback(callback)
     hf.nonfinite_loss = t.nonfinite_loss
     hf.finetune_kit_output = out
-    with guard_signals(hf):
+    with guard_signals(hf), quiet_checkpointing():  # a signal stop raises TrainingInterrupted on leaving
         try:
             output = hf.train(resume_from_checkpoint=resume)
-            metrics = dict(output.metrics)
-            if eval_set is not None:
-                metrics.update(hf.evaluate())
         except FinetuneKitError:
             raise
         except Exception as exc:
             raise training_error(exc, out=out) from exc
+    metrics = dict(output.metrics)
+    if eval_set is not None:
+        with quiet_checkpointing():
+            metrics.update(hf.evaluate())
     plots: tuple[Path, ...] = ()
     if hf.is_world_process_zero():
         if save is not None:
@@ -162,5 +165,10 @@ def fit(
         write_json(out / TRAIN_RESULTS, metrics)
         write_record(out, RUN_RECORD, record)
         if t.plot_loss:
-            plots = tuple(plot_loss(hf.state.log_history, out))
+            keys = (
+                ("loss", "eval_loss", "rewards/accuracies")
+                if "rewards/accuracies" in str(hf.state.log_history)
+                else ("loss", "eval_loss")
+            )
+            plots = tuple(plot_loss(hf.state.log_history, out, keys))
     return Fitted(metrics=metrics, log_history=tuple(hf.state.log_history), plots=plots)

@@ -80,7 +80,8 @@ def objective(method: MethodConfig, pref: PreferenceConfig, lora: LoraConfig) ->
         return Objective(_with_loraplus(_pretokenized(CPOTrainer), lora), CPOConfig, kwargs, collates=False)
     from trl import DPOConfig, DPOTrainer
 
-    losses, weights = [pref.pref_loss], [1.0]
+    losses: list[str] = [pref.pref_loss]
+    weights = [1.0]
     if pref.pref_ftx:
         losses, weights = [*losses, "sft"], [*weights, pref.pref_ftx]
     kwargs = {
@@ -168,7 +169,7 @@ def _reference_is_base(trainer: Any, keep_reference_adapter: bool) -> None:
 
 
 def _dpo_trainer(base: type, keep_reference_adapter: bool) -> type:
-    class DPOOnEncoded(base):  # type: ignore[misc, valid-type]
+    class DPOOnEncoded(base):
         """TRL's DPO trainer fed finetune_kit's encoded pairs (TRL's own tokenization skipped)."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -182,7 +183,7 @@ def _dpo_trainer(base: type, keep_reference_adapter: bool) -> type:
 
 
 def _kto_trainer(base: type, keep_reference_adapter: bool) -> type:
-    class KTOOnEncoded(base):  # type: ignore[misc, valid-type]
+    class KTOOnEncoded(base):
         """TRL's KTO trainer fed finetune_kit's encoded rows.
 
         The KL completion of each row is fixed in the data (LLaMA-Factory's pairing with the
@@ -202,7 +203,7 @@ def _kto_trainer(base: type, keep_reference_adapter: bool) -> type:
 
 
 def _pretokenized(base: type) -> type:
-    class OnEncoded(base):  # type: ignore[misc, valid-type]
+    class OnEncoded(base):
         """TRL's ORPO/CPO trainer fed finetune_kit's encoded pairs (its ``tokenize_row`` passes them through)."""
 
         def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
@@ -218,9 +219,9 @@ def _with_loraplus(base: type, lora: LoraConfig) -> type:
         return base
     ratio, embedding_lr = lora.loraplus_lr_ratio, lora.loraplus_lr_embedding
 
-    class WithLoraPlus(base):  # type: ignore[misc, valid-type]
+    class WithLoraPlus(base):
         def create_optimizer(self, model: Any = None) -> Any:
-            if self.optimizer is None:
+            if getattr(self, "optimizer", None) is None:
                 from peft.optimizers import create_loraplus_optimizer
                 from transformers import Trainer
 

@@ -14,9 +14,18 @@ from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.errors import ConfigError, UnknownKeysError
 from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.generation import GenerationConfig
-from finetune_kit.train.config import LoraConfig, TrainingConfig
+from finetune_kit.train.config import LoraConfig, MethodConfig, TrainingConfig
 
-BASE_SECTIONS = [RunConfig, ModelConfig, DataConfig, EncodingConfig, LoraConfig, TrainingConfig, GenerationConfig]
+BASE_SECTIONS = [
+    RunConfig,
+    ModelConfig,
+    DataConfig,
+    EncodingConfig,
+    LoraConfig,
+    TrainingConfig,
+    GenerationConfig,
+    MethodConfig,
+]
 
 
 def predict_config():
@@ -107,13 +116,13 @@ def test_read_config_file_problems(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- build
 def check_lf_yaml_values(cfg, tmp_path: Path) -> None:
-    run, model, data, encoding, lora, training, gen = (cfg[c] for c in BASE_SECTIONS)
-    assert (run.stage, run.do_train, run.do_predict) == ("sft", True, False)
+    run, model, data, encoding, lora, training, gen, method = (cfg[c] for c in BASE_SECTIONS)
+    assert (method.stage, run.do_train, run.do_predict) == ("sft", True, False)
     assert model.model_name_or_path == "bundled:smollm2-135m-instruct"
     assert model.trust_remote_code is True and model.template == "chatml"
     assert data.dataset == ("shop",) and data.dataset_dir == str(tmp_path / "data")
     assert (encoding.cutoff_len, data.max_samples) == (256, 1000)
-    assert (lora.finetuning_type, lora.lora_rank, lora.lora_alpha, lora.lora_target) == ("lora", 8, 16, ("all",))
+    assert (method.finetuning_type, lora.lora_rank, lora.lora_alpha, lora.lora_target) == ("lora", 8, 16, ("all",))
     assert lora.lora_dropout == 0.0 and isinstance(lora.lora_dropout, float)
     assert training.output_dir == str(tmp_path / "saves" / "shop")
     assert training.learning_rate == 1e-3 and isinstance(training.learning_rate, float)
@@ -174,21 +183,21 @@ def test_overrides_beat_the_yaml(lf_yaml_file):
 
 
 def test_unknown_unsupported_and_bad_values_are_reported_together(lf_yaml_file):
-    argv = [str(lf_yaml_file), "lora_rnak=4", "--deepspeed", "ds_z3.json", "quantization_bit=4", "learning_rate=abc"]
+    argv = [str(lf_yaml_file), "lora_rnak=4", "--deepspeed", "ds_z3.json", "use_galore=true", "learning_rate=abc"]
     with pytest.raises(UnknownKeysError) as err:
         build(collect(argv), BASE_SECTIONS)
     problems = err.value.problems
     assert len(problems) == 4
     assert "unknown key 'lora_rnak'. Did you mean 'lora_rank'?" in problems
     assert any(p.startswith("'deepspeed' is a LLaMA-Factory key") and "Fix: remove it" in p for p in problems)
-    assert any(p.startswith("'quantization_bit' is a LLaMA-Factory key") and "QLoRA" in p for p in problems)
+    assert any(p.startswith("'use_galore' is a LLaMA-Factory key") and "QLoRA" in p for p in problems)
     assert "learning_rate: got 'abc'; expected a number" in problems
     assert isinstance(err.value, ConfigError) and isinstance(err.value, ValueError)
 
 
 def test_bad_values_alone_are_a_config_error():
     with pytest.raises(ConfigError) as err:
-        build({"learning_rate": "abc", "lora_rank": 0, "stage": "dpo"}, BASE_SECTIONS)
+        build({"learning_rate": "abc", "lora_rank": 0, "stage": "ppo", "do_train": True}, BASE_SECTIONS)
     assert not isinstance(err.value, UnknownKeysError)
     assert len(err.value.problems) == 3
 
