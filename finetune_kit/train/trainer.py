@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit._artifacts import provenance
-from finetune_kit.data.cache import tokenize_cached
 from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.data.conversations import Conversations, ConversationStream
-from finetune_kit.data.stream import tokenize_stream
 from finetune_kit.data.tokenize import TokenizedDataset
 from finetune_kit.environment import Environment
-from finetune_kit.errors import ConfigError, did_you_mean
+from finetune_kit.errors import ConfigError, FinetuneKitError, did_you_mean
 from finetune_kit.models.adapters import is_peft
 from finetune_kit.models.loaded import LoadedModel
 from finetune_kit.models.loader import LoadPlan, load_tokenizer, plan_load
@@ -31,14 +29,14 @@ from finetune_kit.train.methods import prepare
 from finetune_kit.train.outputs import resume_point
 from finetune_kit.train.result import TrainResult
 from finetune_kit.train.run import fit, training_arguments
+from finetune_kit.train.safety import training_error
 from finetune_kit.train.stages import check_stage, objective
+from finetune_kit.train.tokens import Data, check_encoding, tokenize_for
 
 if TYPE_CHECKING:
     from finetune_kit.data.template import ChatTemplate
 
-Data = Conversations | ConversationStream | TokenizedDataset
 _SELECTION = set(DataConfig.field_names())
-_DATA_STAGE = {"sft": "sft", "pt": "pt", "dpo": "dpo", "kto": "kto"}
 
 
 @dataclass(frozen=True)
@@ -189,52 +187,7 @@ class LoraTrainer:
 
     def _tokenize(self, data: Data, *, keep: bool) -> TokenizedDataset:
         """:meth:`tokenize`; ``keep`` says whether ``tokenized_path`` (the training data's folder) applies."""
-        if isinstance(data, TokenizedDataset):
-            self._check_encoding(data)
-            return data
-        if not isinstance(data, (Conversations, ConversationStream)):
-            raise TypeError(
-                "expected Conversations (DatasetRegistry.load(...)), a ConversationStream "
-                f"(DatasetRegistry.stream(...)) or a TokenizedDataset, got {type(data).__name__}"
-            )
-        cached = self._tokenized.get(id(data))
-        if cached is not None and cached[0] is data:
-            return cached[1]
-        tokenizer, template = self._tokenizer()
-        e, stage = self.encoding, _DATA_STAGE[self.method.stage]
-        if isinstance(data, ConversationStream):
-            if self.training.max_steps <= 0:
-                raise ConfigError(
-                    "streamed data has no length to count epochs by. Fix: set max_steps (as LLaMA-Factory requires)"
-                )
-            if self.training.group_by_length:
-                raise ConfigError("group_by_length needs every example up front. Fix: turn it off for streamed data")
-            check_stage(self.method, per_device_train_batch_size=2, streaming=True)
-            stream = tokenize_stream(
-                data,
-                tokenizer,
-                template,
-                cutoff_len=e.cutoff_len,
-                train_on_prompt=e.train_on_prompt,
-                mask_history=e.mask_history,
-                stage=stage,
-            )
-            self._tokenized[id(data)] = (data, stream)
-            return stream
-        done = tokenize_cached(
-            data,
-            tokenizer,
-            template,
-            cutoff_len=e.cutoff_len,
-            train_on_prompt=e.train_on_prompt,
-            mask_history=e.mask_history,
-            stage=stage,
-            num_workers=e.preprocessing_num_workers or 1,
-            cache=not e.overwrite_cache,
-            tokenized_path=e.tokenized_path if keep else None,
-        )
-        self._tokenized[id(data)] = (data, done)
-        return done
+        return tokenize_for(self, data, keep=keep)
 
     def explain(self, data: Data | None = None) -> str:
         """The resolved plan: loading, method, trained parameters, batch sizes and steps, before training."""
@@ -262,13 +215,18 @@ class LoraTrainer:
         goal = objective(m, self.preference, self.lora)
         # before loading: Accelerate's state lives in the arguments
         args = training_arguments(t, has_eval=eval_set is not None, cls=goal.arguments, **goal.arguments_kwargs)
-        held = Held.take(
-            self.model,
-            self.load_plan(),
-            m,
-            self.lora,
-            lambda module: resolve_targets(module, self.lora, continue_adapter=self._continues()),
-        )
+        try:
+            held = Held.take(
+                self.model,
+                self.load_plan(),
+                m,
+                self.lora,
+                lambda module: resolve_targets(module, self.lora, continue_adapter=self._continues()),
+            )
+        except FinetuneKitError:
+            raise
+        except Exception as exc:  # out of memory while loading, a broken weights file, ...
+            raise training_error(exc, out=out) from exc
         try:
             targets = (
                 resolve_targets(held.module, self.lora, continue_adapter=self._continues())
@@ -363,23 +321,7 @@ class LoraTrainer:
         return (plan.template if plan is not None else None) or "the tokenizer's own"
 
     def _check_encoding(self, data: TokenizedDataset) -> None:
-        stage = _DATA_STAGE[self.method.stage]
-        if data.stage != stage:
-            raise ConfigError(
-                f"this TokenizedDataset was encoded for stage {data.stage}, but the trainer trains stage "
-                f"{self.method.stage}. Fix: tokenize with this trainer: trainer.tokenize(conversations)"
-            )
-        e, template = self.encoding, self._template_name()
-        made = (data.cutoff_len, data.train_on_prompt, data.mask_history)
-        if made != (e.cutoff_len, e.train_on_prompt, e.mask_history) or (
-            data.template and template and data.template != template and not template.startswith("the ")
-        ):
-            raise ConfigError(
-                f"this TokenizedDataset was encoded with template={data.template}, cutoff_len={data.cutoff_len}, "
-                f"train_on_prompt={data.train_on_prompt}, mask_history={data.mask_history}, but the trainer uses "
-                f"template={template}, cutoff_len={e.cutoff_len}, train_on_prompt={e.train_on_prompt}, "
-                f"mask_history={e.mask_history}. Fix: tokenize with this trainer: trainer.tokenize(conversations)"
-            )
+        check_encoding(self, data)
 
 
 def _tuned(held: Held, trained: Any, base: ModelSource, adapters: tuple[str, ...], out: Path) -> LoadedModel:

@@ -84,7 +84,7 @@ def test_trainer_loads_a_model_source_itself_and_hands_the_model_on(tiny_llama_d
 
 
 def test_tokenize_once_and_reuse(tiny_llama, data, tmp_path, monkeypatch):
-    from finetune_kit.train import trainer as trainer_module
+    from finetune_kit.train import tokens as trainer_module
 
     calls = []
     real = trainer_module.tokenize_cached

@@ -1,0 +1,89 @@
+"""How a trainer encodes its data: the stage's encoding, cached, remembered per ``Conversations``, checked."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from finetune_kit.data.cache import tokenize_cached
+from finetune_kit.data.conversations import Conversations, ConversationStream
+from finetune_kit.data.stream import tokenize_stream
+from finetune_kit.data.tokenize import TokenizedDataset
+from finetune_kit.errors import ConfigError
+from finetune_kit.train.stages import check_stage
+
+if TYPE_CHECKING:
+    from finetune_kit.train.trainer import LoraTrainer
+
+Data = Conversations | ConversationStream | TokenizedDataset
+# the data layer's stage of each training stage (they coincide today; rm would encode as dpo)
+DATA_STAGE = {"sft": "sft", "pt": "pt", "dpo": "dpo", "kto": "kto"}
+
+
+def tokenize_for(trainer: LoraTrainer, data: Data, *, keep: bool) -> TokenizedDataset:
+    """:meth:`tokenize`; ``keep`` says whether ``tokenized_path`` (the training data's folder) applies."""
+    if isinstance(data, TokenizedDataset):
+        check_encoding(trainer, data)
+        return data
+    if not isinstance(data, (Conversations, ConversationStream)):
+        raise TypeError(
+            "expected Conversations (DatasetRegistry.load(...)), a ConversationStream "
+            f"(DatasetRegistry.stream(...)) or a TokenizedDataset, got {type(data).__name__}"
+        )
+    cached = trainer._tokenized.get(id(data))
+    if cached is not None and cached[0] is data:
+        return cached[1]
+    tokenizer, template = trainer._tokenizer()
+    e, stage = trainer.encoding, DATA_STAGE[trainer.method.stage]
+    if isinstance(data, ConversationStream):
+        if trainer.training.max_steps <= 0:
+            raise ConfigError(
+                "streamed data has no length to count epochs by. Fix: set max_steps (as LLaMA-Factory requires)"
+            )
+        if trainer.training.group_by_length:
+            raise ConfigError("group_by_length needs every example up front. Fix: turn it off for streamed data")
+        check_stage(trainer.method, per_device_train_batch_size=2, streaming=True)
+        stream = tokenize_stream(
+            data,
+            tokenizer,
+            template,
+            cutoff_len=e.cutoff_len,
+            train_on_prompt=e.train_on_prompt,
+            mask_history=e.mask_history,
+            stage=stage,
+        )
+        trainer._tokenized[id(data)] = (data, stream)
+        return stream
+    done = tokenize_cached(
+        data,
+        tokenizer,
+        template,
+        cutoff_len=e.cutoff_len,
+        train_on_prompt=e.train_on_prompt,
+        mask_history=e.mask_history,
+        stage=stage,
+        num_workers=e.preprocessing_num_workers or 1,
+        cache=not e.overwrite_cache,
+        tokenized_path=e.tokenized_path if keep else None,
+    )
+    trainer._tokenized[id(data)] = (data, done)
+    return done
+
+
+def check_encoding(trainer: LoraTrainer, data: TokenizedDataset) -> None:
+    stage = DATA_STAGE[trainer.method.stage]
+    if data.stage != stage:
+        raise ConfigError(
+            f"this TokenizedDataset was encoded for stage {data.stage}, but the trainer trains stage "
+            f"{trainer.method.stage}. Fix: tokenize with this trainer: trainer.tokenize(conversations)"
+        )
+    e, template = trainer.encoding, trainer._template_name()
+    made = (data.cutoff_len, data.train_on_prompt, data.mask_history)
+    if made != (e.cutoff_len, e.train_on_prompt, e.mask_history) or (
+        data.template and template and data.template != template and not template.startswith("the ")
+    ):
+        raise ConfigError(
+            f"this TokenizedDataset was encoded with template={data.template}, cutoff_len={data.cutoff_len}, "
+            f"train_on_prompt={data.train_on_prompt}, mask_history={data.mask_history}, but the trainer uses "
+            f"template={template}, cutoff_len={e.cutoff_len}, train_on_prompt={e.train_on_prompt}, "
+            f"mask_history={e.mask_history}. Fix: tokenize with this trainer: trainer.tokenize(conversations)"
+        )
