@@ -79,9 +79,9 @@ def check_quantization(cfg: ModelConfig, *, path: Path | None = None) -> None:
             f"{path} holds {method.upper()}-quantized weights, whose kernels need a CUDA GPU; this machine has "
             f"none. Fix: run on a GPU machine, or use the unquantized model"
         )
-    for module, package in PREQUANTIZED.get(method, ()):
-        if importlib.util.find_spec(module) is None:
-            raise MissingDependencyError(package, purpose=f"Loading the {method.upper()}-quantized model {path}")
+    missing = [package for module, package in PREQUANTIZED.get(method, ()) if importlib.util.find_spec(module) is None]
+    if missing:  # every one at once: installing one should not lead to an error about the next
+        raise MissingDependencyError(" ".join(missing), purpose=f"Loading the {method.upper()}-quantized model {path}")
 
 
 def bnb_config(cfg: ModelConfig, compute_dtype: str) -> Any:

@@ -124,6 +124,12 @@ class LoraConfig(StageConfig):
             problems.append(f"loraplus_lr_ratio: got {self.loraplus_lr_ratio}; expected a positive number such as 16")
         if self.pissa_init and self.use_dora:
             problems.append("pissa_init and use_dora cannot be combined (peft supports one initialisation); pick one")
+        if self.pissa_init and not self.pissa_convert and self.pissa_iter != -1:
+            problems.append(
+                "pissa_convert: false with pissa_iter > 0 saves a raw PiSSA adapter that cannot be reloaded: the "
+                "fast SVD is random, so a new load builds another residual base. Fix: keep pissa_convert: true "
+                "(the default), or set pissa_iter: -1 (exact SVD)"
+            )
         if self.pissa_iter < -1 or self.pissa_iter == 0:
             problems.append(
                 f"pissa_iter: got {self.pissa_iter}; expected -1 (exact SVD) or a positive count such as 16"

@@ -29,8 +29,13 @@ def explain_trainer(trainer: LoraTrainer, tokens: TokenizedDataset | None) -> st
     structure = trainer._structure()
     total = sum(p.numel() for p in structure.parameters())
     if m.finetuning_type == "lora":
-        targets = resolve_targets(structure, lora, continue_adapter=trainer._continues())
-        trained = count_lora_params(structure, targets, lora.lora_rank, dora=lora.use_dora)
+        continued = trainer._continued_adapter()  # a saved adapter trained further: its own targets and rank
+        if continued is not None:
+            targets, rank, dora = continued
+        else:
+            targets = resolve_targets(structure, lora, continue_adapter=trainer._continues())
+            rank, dora = lora.lora_rank, lora.use_dora
+        trained = count_lora_params(structure, targets, rank, dora=dora)
         whole = total if is_peft(structure) else total + trained  # a loaded adapter is counted in total
         variants = [
             name
@@ -46,9 +51,11 @@ def explain_trainer(trainer: LoraTrainer, tokens: TokenizedDataset | None) -> st
             )
             if on
         ]
+        head = f"LoRA r={lora.lora_rank}, alpha={lora.alpha}, dropout={lora.lora_dropout}"
+        if continued is not None or trainer._continues():
+            head = "LoRA, training the model's last adapter further" + (f" (r={rank})" if continued else "")
         method = [
-            f"method:           LoRA r={lora.lora_rank}, alpha={lora.alpha}, dropout={lora.lora_dropout}"
-            + (f"; {', '.join(variants)}" if variants else ""),
+            f"method:           {head}" + (f"; {', '.join(variants)}" if variants else ""),
             f"targets:          {', '.join(targets)}",
         ]
     else:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from finetune_kit.errors import ConfigError
-from finetune_kit.models.adapters import is_peft, quiet_peft
+from finetune_kit.models.adapters import check_adapter_dir, is_peft, quiet_peft
 from finetune_kit.train.config import LoraConfig
 
 _HEADS = {"lm_head", "output_layer", "output", "embed_out", "score"}
@@ -49,6 +50,16 @@ def resolve_targets(model: Any, lora: LoraConfig, *, continue_adapter: bool = Tr
             f"{', '.join(available)} (or 'all')"
         )
     return list(lora.lora_target)
+
+
+def saved_adapter(folder: str) -> tuple[list[str], int, bool] | None:
+    """``(target modules, rank, DoRA)`` of a saved LoRA adapter folder (None when it names its targets
+    by a regular expression)."""
+    config = json.loads((check_adapter_dir(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    targets = config.get("target_modules")
+    if not isinstance(targets, list):
+        return None
+    return sorted(targets), int(config.get("r", 8)), bool(config.get("use_dora", False))
 
 
 def count_lora_params(model: Any, targets: list[str], rank: int, *, dora: bool = False) -> int:

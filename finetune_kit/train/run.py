@@ -50,7 +50,7 @@ def training_arguments(t: TrainingConfig, *, has_eval: bool, cls: type | None = 
     eval_kwargs: dict[str, Any] = {}
     if has_eval:
         eval_kwargs = {"eval_strategy": "steps" if t.eval_steps else "epoch", "eval_steps": t.eval_steps}
-    return cls(
+    kwargs: dict[str, Any] = dict(
         output_dir=t.output_dir,
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs,
@@ -79,8 +79,8 @@ def training_arguments(t: TrainingConfig, *, has_eval: bool, cls: type | None = 
         include_num_input_tokens_seen=True,
         **_version_kwargs(t),
         **eval_kwargs,
-        **extra,
     )
+    return cls(**{**kwargs, **extra})  # the stage's arguments win
 
 
 def _version_kwargs(t: TrainingConfig) -> dict[str, Any]:
@@ -134,7 +134,8 @@ def fit(
     if objective.collates:
         kwargs["data_collator"] = train_set.collator(tokenizer)
     try:
-        hf = cls(**kwargs)
+        with quiet_checkpointing():
+            hf = cls(**kwargs)
     except FinetuneKitError:
         raise
     except Exception as exc:

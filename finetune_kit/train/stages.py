@@ -27,6 +27,9 @@ from finetune_kit.data.encode import IGNORE_INDEX
 from finetune_kit.errors import ConfigError
 from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig
 
+# ORPO/CPO batches hold chosen_/rejected_ columns, not input_ids: transformers cannot count their tokens
+_NO_TOKEN_COUNT = {"include_num_input_tokens_seen": False}
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -64,13 +67,14 @@ def objective(method: MethodConfig, pref: PreferenceConfig, lora: LoraConfig) ->
     if pref.pref_loss == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        kwargs = {**common, "max_length": None, "max_completion_length": None}
+        kwargs = {**common, **_NO_TOKEN_COUNT, "max_length": None, "max_completion_length": None}
         return Objective(_with_loraplus(_pretokenized(ORPOTrainer), lora), ORPOConfig, kwargs, collates=False)
     if pref.pref_loss == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         kwargs = {
             **common,
+            **_NO_TOKEN_COUNT,
             "loss_type": "simpo",
             "simpo_gamma": pref.simpo_gamma,
             "cpo_alpha": pref.pref_ftx,

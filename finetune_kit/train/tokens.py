@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from finetune_kit.data.cache import tokenize_cached
 from finetune_kit.data.conversations import Conversations, ConversationStream
@@ -33,7 +33,13 @@ def tokenize_for(trainer: LoraTrainer, data: Data, *, keep: bool) -> TokenizedDa
     if cached is not None and cached[0] is data:
         return cached[1]
     tokenizer, template = trainer._tokenizer()
-    e, stage = trainer.encoding, DATA_STAGE[trainer.method.stage]
+    e = trainer.encoding
+    options: dict[str, Any] = dict(
+        cutoff_len=e.cutoff_len,
+        train_on_prompt=e.train_on_prompt,
+        mask_history=e.mask_history,
+        stage=DATA_STAGE[trainer.method.stage],
+    )
     if isinstance(data, ConversationStream):
         if trainer.training.max_steps <= 0:
             raise ConfigError(
@@ -42,25 +48,14 @@ def tokenize_for(trainer: LoraTrainer, data: Data, *, keep: bool) -> TokenizedDa
         if trainer.training.group_by_length:
             raise ConfigError("group_by_length needs every example up front. Fix: turn it off for streamed data")
         check_stage(trainer.method, per_device_train_batch_size=2, streaming=True)
-        stream = tokenize_stream(
-            data,
-            tokenizer,
-            template,
-            cutoff_len=e.cutoff_len,
-            train_on_prompt=e.train_on_prompt,
-            mask_history=e.mask_history,
-            stage=stage,
-        )
+        stream = tokenize_stream(data, tokenizer, template, **options)
         trainer._tokenized[id(data)] = (data, stream)
         return stream
     done = tokenize_cached(
         data,
         tokenizer,
         template,
-        cutoff_len=e.cutoff_len,
-        train_on_prompt=e.train_on_prompt,
-        mask_history=e.mask_history,
-        stage=stage,
+        **options,
         num_workers=e.preprocessing_num_workers or 1,
         cache=not e.overwrite_cache,
         tokenized_path=e.tokenized_path if keep else None,

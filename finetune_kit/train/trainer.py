@@ -24,7 +24,7 @@ from finetune_kit.models.source import ModelSource
 from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
 from finetune_kit.train.explain import explain_trainer
 from finetune_kit.train.held import Held
-from finetune_kit.train.lora import resolve_targets, save_adapter
+from finetune_kit.train.lora import resolve_targets, save_adapter, saved_adapter
 from finetune_kit.train.methods import prepare
 from finetune_kit.train.outputs import resume_point
 from finetune_kit.train.result import TrainResult
@@ -172,6 +172,9 @@ class LoraTrainer:
 
     def target_modules(self) -> list[str]:
         """The module names LoRA wraps (``lora_target: all`` = every linear layer but the head)."""
+        continued = self._continued_adapter()
+        if continued is not None:
+            return continued[0]
         return resolve_targets(self._structure(), self.lora, continue_adapter=self._continues())
 
     def tokenize(self, data: Data) -> TokenizedDataset:
@@ -287,6 +290,12 @@ class LoraTrainer:
         if isinstance(self.model, LoadedModel):
             return is_quantized(self.model.model)
         return self.model.config.quantization_bit is not None
+
+    def _continued_adapter(self) -> tuple[list[str], int, bool] | None:
+        """Targets, rank and DoRA of the saved adapter a ``ModelSource`` trainer continues (None otherwise)."""
+        if not isinstance(self.model, ModelSource) or not self._continues():
+            return None
+        return saved_adapter(self.model.config.adapter_name_or_path[-1])  # type: ignore[index]
 
     def _continues(self) -> bool:
         """True when training continues the model's last adapter (rather than a fresh one)."""
