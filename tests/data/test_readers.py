@@ -159,8 +159,9 @@ def test_check_dataset_returns_every_bad_row(tmp_path):
 
 def test_check_dataset_on_clean_data_finds_nothing():
     registry = DatasetRegistry.demo()
+    kinds = {"shop_dpo": "pairwise", "shop_kto": "kto", "shop_text": "text"}
     for name in registry.names:
-        count, problems = check_dataset(registry.spec(name), registry.dataset_dir)
+        count, problems = check_dataset(registry.spec(name), registry.dataset_dir, kind=kinds.get(name, "sft"))
         assert count > 0 and problems == []
 
 

@@ -189,7 +189,7 @@ def test_empty_name_list_is_an_error():
 
 def test_demo_registry_loads():
     registry = DatasetRegistry.demo()
-    assert registry.names == ["shop_alpaca", "shop_sharegpt", "shop_test"]
+    assert registry.names == ["shop_alpaca", "shop_sharegpt", "shop_test", "shop_dpo", "shop_kto", "shop_text"]
     sharegpt = registry.load("shop_sharegpt")
     assert all(ex.messages[-1]["role"] == "assistant" for ex in sharegpt.examples)
     assert any(sum(m["role"] == "assistant" for m in ex.messages) > 1 for ex in sharegpt.examples)
@@ -201,7 +201,7 @@ def test_register_returns_a_new_registry(tmp_path):
     extended = original.register("extra", tmp_path / "extra.json")
     assert extended is not original
     assert "extra" in extended.names and "extra" not in original.names
-    assert extended.names[:3] == original.names
+    assert extended.names[: len(original.names)] == original.names
     assert [ex.messages for ex in extended.load("extra").examples] == [qa(i) for i in range(6)]
     with pytest.raises(DatasetError):
         original.spec("extra")
@@ -295,7 +295,9 @@ def test_load_and_check_read_rows_for_the_stage(tmp_path):
 
 def test_check_on_the_demo_finds_nothing():
     registry = DatasetRegistry.demo()
-    assert [registry.check(name) for name in registry.names] == [(150, []), (30, []), (30, [])]
+    stages = {"shop_dpo": "dpo", "shop_kto": "kto", "shop_text": "pt"}
+    checked = [registry.check(name, stage=stages.get(name, "sft")) for name in registry.names]
+    assert checked == [(150, []), (30, []), (30, []), (50, []), (100, []), (42, [])]
 
 
 def test_dataset_info_file_problems(tmp_path):
