@@ -38,7 +38,19 @@ def _tokens(logs: Mapping[str, Any], state: Any) -> int:
     return int(logs.get("num_input_tokens_seen") or getattr(state, "num_input_tokens_seen", 0) or 0)
 
 
-class JsonlLogCallback(TrainerCallback):
+class _Clocked(TrainerCallback):
+    """A callback with a :class:`Clock` whose rates leave out the time spent evaluating and saving."""
+
+    clock: Clock
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.clock.mark(_tokens({}, state))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.clock.mark(_tokens({}, state))
+
+
+class JsonlLogCallback(_Clocked):
     """Append one JSON line per log to ``trainer_log.jsonl``: each logging step, evaluation and the final summary.
 
     Fields, first LLaMA-Factory's (``current_steps``, ``total_steps``, ``loss``, ``eval_loss``,
@@ -66,12 +78,6 @@ class JsonlLogCallback(TrainerCallback):
             line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= state.global_step
         ]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.clock.mark(_tokens({}, state))
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.clock.mark(_tokens({}, state))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -111,7 +117,7 @@ class JsonlLogCallback(TrainerCallback):
         return {k: v for k, v in record.items() if v is not None}
 
 
-class ConsoleProgressCallback(TrainerCallback):
+class ConsoleProgressCallback(_Clocked):
     """One ``tqdm`` bar (steps, ETA; loss, lr, grad norm, tokens/s as postfix) and readable lines.
 
     Replaces transformers' ``ProgressCallback`` and ``PrinterCallback``, which print each log as a
@@ -152,13 +158,10 @@ class ConsoleProgressCallback(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close_eval_bar()
-        self.clock.mark(_tokens({}, state))
+        super().on_evaluate(args, state, control, **kwargs)
 
     def on_predict(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
         self._close_eval_bar()
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.clock.mark(_tokens({}, state))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -198,7 +201,7 @@ class ConsoleProgressCallback(TrainerCallback):
             self.eval_bar = None
 
 
-class LivePlotCallback(TrainerCallback):
+class LivePlotCallback(_Clocked):
     """Jupyter: a loss (and eval loss) figure and a status line, updated in place.
 
     Replaces transformers' ``NotebookProgressCallback``. Updates come at most every ``interval``
@@ -228,12 +231,6 @@ class LivePlotCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             self._refresh(state)
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.clock.mark(_tokens({}, state))
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.clock.mark(_tokens({}, state))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:

@@ -15,8 +15,6 @@ if TYPE_CHECKING:
     from finetune_kit.train.trainer import LoraTrainer
 
 Data = Conversations | ConversationStream | TokenizedDataset
-# the data layer's stage of each training stage (they coincide today; rm would encode as dpo)
-DATA_STAGE = {"sft": "sft", "pt": "pt", "dpo": "dpo", "kto": "kto"}
 
 
 def tokenize_for(trainer: LoraTrainer, data: Data, *, keep: bool) -> TokenizedDataset:
@@ -38,7 +36,7 @@ def tokenize_for(trainer: LoraTrainer, data: Data, *, keep: bool) -> TokenizedDa
         cutoff_len=e.cutoff_len,
         train_on_prompt=e.train_on_prompt,
         mask_history=e.mask_history,
-        stage=DATA_STAGE[trainer.method.stage],
+        stage=trainer.method.stage,  # each training stage is a data-layer stage of the same name
     )
     if isinstance(data, ConversationStream):
         if trainer.training.max_steps <= 0:
@@ -65,7 +63,7 @@ def tokenize_for(trainer: LoraTrainer, data: Data, *, keep: bool) -> TokenizedDa
 
 
 def check_encoding(trainer: LoraTrainer, data: TokenizedDataset) -> None:
-    stage = DATA_STAGE[trainer.method.stage]
+    stage = trainer.method.stage
     if data.stage != stage:
         raise ConfigError(
             f"this TokenizedDataset was encoded for stage {data.stage}, but the trainer trains stage "
