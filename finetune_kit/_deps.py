@@ -17,6 +17,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "nltk": ("nltk", "metrics"),
     "modelscope": ("modelscope", "modelscope"),
     "bitsandbytes": ("bitsandbytes", "qlora"),
+    "deepspeed": ("deepspeed", "deepspeed"),
     "llama_cpp": ("llama-cpp-python", "gguf"),
 }
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_kit._version import __version__
-from finetune_kit.cli.workflows import run_chat, run_data_check, run_predict, run_train, train_checks
+from finetune_kit.cli.workflows import plan_run, run_chat, run_data_check, run_predict, run_train, train_checks
 from finetune_kit.config.base import StageConfig
 from finetune_kit.config.parse import Built, Check, build, collect, describe
 from finetune_kit.config.run import RunConfig
@@ -25,6 +25,7 @@ from finetune_kit.quickstart import QuickstartConfig, run_quickstart
 from finetune_kit.serve.config import ServeConfig
 from finetune_kit.serve.server import Server
 from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
+from finetune_kit.train.distributed import is_main_process, plan_launch, run_launch
 
 
 def _parse(argv: Sequence[str], command: Command) -> Built | None:
@@ -45,20 +46,28 @@ def version(argv: Sequence[str]) -> int:
 
 
 def train(argv: Sequence[str]) -> int:
-    cfg = _parse(argv, COMMANDS["train"])
-    if cfg is not None:
-        run_train(
-            cfg[RunConfig],
-            cfg[ModelConfig],
-            cfg[DataConfig],
-            cfg[EncodingConfig],
-            cfg[LoraConfig],
-            cfg[TrainingConfig],
-            cfg[GenerationConfig],
-            cfg[PredictConfig],
-            cfg[MethodConfig],
-            cfg[PreferenceConfig],
-        )
+    plan_only = "--plan" in argv
+    cfg = _parse([a for a in argv if a != "--plan"], COMMANDS["train"])
+    if cfg is None:
+        return 0
+    if plan_only:
+        print(plan_run(cfg))
+        return 0
+    launch = plan_launch()
+    if launch is not None:  # several GPUs (or FORCE_TORCHRUN): run this same command once per process
+        return run_launch(launch, argv)
+    run_train(
+        cfg[RunConfig],
+        cfg[ModelConfig],
+        cfg[DataConfig],
+        cfg[EncodingConfig],
+        cfg[LoraConfig],
+        cfg[TrainingConfig],
+        cfg[GenerationConfig],
+        cfg[PredictConfig],
+        cfg[MethodConfig],
+        cfg[PreferenceConfig],
+    )
     return 0
 
 
@@ -133,8 +142,10 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "env": Command("env", "print Python, torch, CUDA, GPUs and library versions", env),
     "train": Command(
-        "train config.yaml [key=value ...] [--key value ...]",
-        "fine-tune (LoRA/QLoRA/freeze/full; sft, pt, dpo, kto) and do_predict from an LLaMA-Factory-style YAML",
+        "train config.yaml [key=value ...] [--key value ...] [--plan]",
+        "fine-tune (LoRA/QLoRA/freeze/full; sft, pt, dpo, kto) and do_predict from an LLaMA-Factory-style YAML; "
+        "on several GPUs it launches itself once per GPU (FORCE_TORCHRUN, NNODES, NODE_RANK, MASTER_ADDR, "
+        "MASTER_PORT as in LLaMA-Factory); --plan prints the GPU memory plan and exits",
         train,
         (
             RunConfig,
@@ -215,10 +226,11 @@ def usage() -> str:
 
 
 def configure_logging() -> None:
-    """Notes from the library (``finetune_kit.*`` loggers, INFO and up) go to stderr, one line each."""
+    """Notes from the library (``finetune_kit.*`` loggers, INFO and up) go to stderr, one line each;
+    launched processes other than rank 0 keep only warnings, so each note shows once."""
     logger = logging.getLogger("finetune_kit")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[finetune_kit] %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)

@@ -25,12 +25,8 @@ from finetune_kit.models.loaded import LoadedModel
 from finetune_kit.models.loader import load_tokenizer
 from finetune_kit.models.source import ModelSource
 from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
+from finetune_kit.train.distributed import is_main_process, plan_launch, visible_gpus
 from finetune_kit.train.trainer import LoraTrainer
-
-
-def is_main_process() -> bool:
-    """True unless this is a non-zero rank of a distributed launch (only rank 0 prints)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def say(*parts: object) -> None:
@@ -91,17 +87,35 @@ def run_train(
             )
         tokens = trainer.tokenize(train_set)
         say(trainer.explain(tokens))
+        if visible_gpus():
+            say(trainer.plan(tokens))
         say("first example:\n" + tokens.show(0))
         result = trainer.train(tokens, eval_set)
         say(f"\nTraining finished: {result}")
         for path in result.plots:
             say(f"Loss plot: {path}")
         say(f"{'Adapter' if result.is_adapter else 'Model'}, tokenizer, config and logs: {result.output_dir}")
+        if not is_main_process():
+            return  # rank 0 alone predicts
         tuned = result.load()
-    if run.do_predict:
+    if run.do_predict and is_main_process():
         _predict(
             tuned if tuned is not None else source.load(), registry, data, generation, predict, training.output_dir
         )
+
+
+def plan_run(built: Built) -> str:
+    """``finetune-kit train --plan``: the training's memory plan on the GPUs it would launch on."""
+    trainer = LoraTrainer(
+        ModelSource.from_config(built[ModelConfig]),
+        built[LoraConfig],
+        built[TrainingConfig],
+        built[EncodingConfig],
+        built[MethodConfig],
+        built[PreferenceConfig],
+    )
+    launch = plan_launch()
+    return str(trainer.plan(gpus=launch.world_size if launch is not None else None))
 
 
 def _predict(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 # Accepted so LLaMA-Factory YAMLs run unchanged; they do not change what finetune_kit does.
 IGNORED: dict[str, str] = {
-    "ddp_timeout": "distributed timeout; the launcher's default is used",
     "include_num_input_tokens_seen": "token counts are always logged",
     "include_effective_tokens_per_second": "throughput is logged in trainer_log.jsonl",
     "use_fast_tokenizer": "fast tokenizers are always used",
@@ -33,10 +32,6 @@ ONLY_FALSE: dict[str, str] = {
 
 # LLaMA-Factory keys we know but do not support yet, with what to do instead.
 UNSUPPORTED: dict[str, str] = {
-    **{
-        k: "DeepSpeed/FSDP are planned; for several GPUs run `accelerate launch -m finetune_kit.cli.main train ...`"
-        for k in ("deepspeed", "fsdp", "fsdp_config")
-    },
     "ref_model": "the DPO/KTO reference is the base model with the adapter switched off (no second copy); "
     "for full fine-tuning a frozen copy of the starting weights",
     "ref_model_adapters": "the DPO/KTO reference is the base model with the trained adapter switched off",

@@ -68,7 +68,7 @@ class LoadPlan:
                 double_quantization=self.double_quantization,
             )
             kwargs["quantization_config"] = bnb_config(cfg, self.dtype)
-        if self.device.startswith("cuda"):
+        if self.device.startswith("cuda") and not _zero3():
             kwargs["device_map"] = {"": self.device}  # straight onto this process's GPU, no CPU copy first
         return kwargs
 
@@ -93,6 +93,14 @@ class LoadPlan:
                 f"  adapters:       {adapters}",
             ]
         )
+
+
+def _zero3() -> bool:
+    """True while DeepSpeed ZeRO-3 is configured (its training arguments exist): weights then load
+    partitioned across the processes (``zero.Init``), never whole onto one GPU."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
 
 
 def local_device(requested: str = "auto") -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from finetune_kit.config.base import StageConfig, option
 
@@ -170,13 +170,29 @@ class TrainingConfig(StageConfig):
     eval_steps: int | None = option(None, "Evaluate every N steps when an eval set is given (default: per epoch).")
     bf16: bool = option(False, "Train in bfloat16 mixed precision (needs a GPU with bf16).")
     fp16: bool = option(False, "Train in float16 mixed precision (needs a GPU).")
-    gradient_checkpointing: bool = option(False, "Recompute activations to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = option(
+        "auto",
+        "Recompute activations to save memory: true, false, or auto (on only when the memory plan says training "
+        "would not fit the GPU without it; off on CPU).",
+    )
     group_by_length: bool = option(False, "Batch examples of similar length together: less padding, faster steps.")
     seed: int = option(42, "Random seed for data order and initialisation.")
     plot_loss: bool = option(False, "Write training_loss.png (and training_eval_loss.png) to output_dir.")
     report_to: tuple[str, ...] = option(("none",), "Experiment trackers: none, tensorboard, wandb, ...")
     dataloader_num_workers: int = option(0, "Worker processes for data loading.")
     disable_tqdm: bool = option(False, "Hide the progress bar.")
+    deepspeed: str | None = option(
+        None,
+        "DeepSpeed config: a JSON file, or a shipped one: ds_z0, ds_z2, ds_z2_offload, ds_z3, ds_z3_offload "
+        "(ZeRO stage 0/2/3, offload = optimizer states and, for ZeRO-3, parameters in CPU memory).",
+    )
+    fsdp: str | None = option(
+        None, "PyTorch FSDP, as transformers takes it: e.g. 'full_shard auto_wrap' (with fsdp_config for details)."
+    )
+    fsdp_config: str | dict[str, Any] | None = option(
+        None, "FSDP options: a JSON file or a mapping (e.g. fsdp_version: 2, transformer_layer_cls_to_wrap)."
+    )
+    ddp_timeout: int = option(1800, "Seconds a process waits for the others (collectives, barriers) before failing.")
     nonfinite_loss: Literal["stop", "skip"] = option(
         "stop",
         "When the loss or gradient norm is NaN/inf: stop with a message naming the step (the last checkpoint stays "
@@ -198,6 +214,10 @@ class TrainingConfig(StageConfig):
             problems.append(f"learning_rate: got {self.learning_rate}; expected a positive number such as 1e-4")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             problems.append("num_train_epochs must be positive when max_steps is not set")
+        if self.deepspeed and self.fsdp:
+            problems.append("deepspeed and fsdp are both set; pick one way of sharding")
+        if self.ddp_timeout < 1:
+            problems.append(f"ddp_timeout: got {self.ddp_timeout}; expected seconds >= 1")
         if self.bf16 and self.fp16:
             problems.append("bf16 and fp16 are both true; pick one")
         if not 0 <= self.warmup_ratio < 1:

@@ -18,6 +18,7 @@ from finetune_kit._artifacts import RUN_RECORD, TRAIN_RESULTS, write_record
 from finetune_kit._fs import write_json
 from finetune_kit.errors import FinetuneKitError
 from finetune_kit.models.adapters import quiet_checkpointing
+from finetune_kit.train.distributed import deepspeed_config, fsdp_config
 from finetune_kit.train.plot import plot_loss
 from finetune_kit.train.progress import check_trackers, console_callbacks
 from finetune_kit.train.safety import SafeTrainerMixin, guard_signals, training_error
@@ -77,10 +78,24 @@ def training_arguments(t: TrainingConfig, *, has_eval: bool, cls: type | None = 
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen=True,
+        ddp_timeout=t.ddp_timeout,
+        ddp_find_unused_parameters=False,  # every trained weight gets a gradient each step
+        **_sharding_kwargs(t),
         **_version_kwargs(t),
         **eval_kwargs,
     )
     return cls(**{**kwargs, **extra})  # the stage's arguments win
+
+
+def _sharding_kwargs(t: TrainingConfig) -> dict[str, Any]:
+    """DeepSpeed (a resolved config file) or FSDP arguments, when asked for."""
+    kwargs: dict[str, Any] = {}
+    if t.deepspeed:
+        kwargs["deepspeed"] = deepspeed_config(t.deepspeed)
+    if t.fsdp:
+        kwargs["fsdp"] = t.fsdp
+        kwargs["fsdp_config"] = fsdp_config(t.fsdp_config)
+    return kwargs
 
 
 def _version_kwargs(t: TrainingConfig) -> dict[str, Any]:
@@ -88,11 +103,10 @@ def _version_kwargs(t: TrainingConfig) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     names = inspect.signature(TrainingArguments.__init__).parameters
-    kwargs: dict[str, Any] = {
-        "activation_checkpointing"
-        if "activation_checkpointing" in names
-        else "gradient_checkpointing": t.gradient_checkpointing
-    }
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    kwargs: dict[str, Any] = {f"{prefix}_checkpointing": t.gradient_checkpointing is True}
+    if t.gradient_checkpointing is True:  # the non-reentrant kind works under DDP, ZeRO-3 and FSDP
+        kwargs[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
     if t.group_by_length:
         if "train_sampling_strategy" in names:
             kwargs["train_sampling_strategy"] = "group_by_length"
@@ -151,7 +165,7 @@ def fit(
             raise
         except Exception as exc:
             raise training_error(exc, out=out) from exc
-    metrics = dict(output.metrics)
+    metrics = {**output.metrics, **_peak_memory(hf)}
     if eval_set is not None:
         with quiet_checkpointing():
             metrics.update(hf.evaluate())
@@ -173,3 +187,15 @@ def fit(
             )
             plots = tuple(plot_loss(hf.state.log_history, out, keys))
     return Fitted(metrics=metrics, log_history=tuple(hf.state.log_history), plots=plots)
+
+
+def _peak_memory(hf: Any) -> dict[str, float]:
+    """``peak_gpu_memory_gib``: the most GPU memory any process held (allocated tensors, load and training)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=hf.args.device)
+    if hf.accelerator.num_processes > 1:
+        peak = hf.accelerator.gather(peak)
+    return {"peak_gpu_memory_gib": round(float(peak.max()), 2)}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit.errors import FinetuneKitError, FinetuneKitWarning, TrainingError, TrainingInterrupted
+from finetune_kit.train.distributed import LAUNCH_RECORD, launch_record
 
 logger = logging.getLogger("finetune_kit.train")
 
@@ -146,6 +147,8 @@ class SafeTrainerMixin(_TrainerBase):
         finally:
             self._fk_staging = None
         final = run_dir / name
+        if self.args.should_save:
+            (staging / name / LAUNCH_RECORD).write_text(json.dumps(launch_record(self.args)), encoding="utf-8")
         best = self.state.best_model_checkpoint
         if best is not None and Path(best).parent == staging:  # the best is this step: name its final place
             self.state.best_model_checkpoint = str(final)

@@ -9,6 +9,7 @@ from finetune_kit.data.conversations import Conversations, ConversationStream
 from finetune_kit.data.stream import tokenize_stream
 from finetune_kit.data.tokenize import TokenizedDataset
 from finetune_kit.errors import ConfigError
+from finetune_kit.train.distributed import main_process_first
 from finetune_kit.train.stages import check_stage
 
 if TYPE_CHECKING:
@@ -49,15 +50,16 @@ def tokenize_for(trainer: LoraTrainer, data: Data, *, keep: bool) -> TokenizedDa
         stream = tokenize_stream(data, tokenizer, template, **options)
         trainer._tokenized[id(data)] = (data, stream)
         return stream
-    done = tokenize_cached(
-        data,
-        tokenizer,
-        template,
-        **options,
-        num_workers=e.preprocessing_num_workers or 1,
-        cache=not e.overwrite_cache,
-        tokenized_path=e.tokenized_path if keep else None,
-    )
+    with main_process_first():  # launched: rank 0 fills the cache, the others read it
+        done = tokenize_cached(
+            data,
+            tokenizer,
+            template,
+            **options,
+            num_workers=e.preprocessing_num_workers or 1,
+            cache=not e.overwrite_cache,
+            tokenized_path=e.tokenized_path if keep else None,
+        )
     trainer._tokenized[id(data)] = (data, done)
     return done
 

@@ -5,7 +5,6 @@ It loads what it trains, prepares the method, and hands the stage's trainer to t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,12 +20,14 @@ from finetune_kit.models.loaded import LoadedModel
 from finetune_kit.models.loader import LoadPlan, load_tokenizer, plan_load
 from finetune_kit.models.quantize import check_quantization, is_quantized
 from finetune_kit.models.source import ModelSource
+from finetune_kit.train.budget import TrainingPlan, plan_trainer, resolve_checkpointing
 from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
+from finetune_kit.train.distributed import check_sharding, sharded, wait_for_everyone, world_size
 from finetune_kit.train.explain import explain_trainer
 from finetune_kit.train.held import Held
 from finetune_kit.train.lora import resolve_targets, save_adapter, saved_adapter
 from finetune_kit.train.methods import prepare
-from finetune_kit.train.outputs import resume_point
+from finetune_kit.train.outputs import check_resume, resume_point
 from finetune_kit.train.result import TrainResult
 from finetune_kit.train.run import fit, training_arguments
 from finetune_kit.train.safety import training_error
@@ -78,6 +79,7 @@ class LoraTrainer:
             )
         if isinstance(self.model, ModelSource):
             check_quantization(self.model.config, path=self.model.local_path())
+        check_sharding(self.training)
         if self.method.finetuning_type != "lora" and self._quantized():
             raise ConfigError(
                 f"finetuning_type: {self.method.finetuning_type} cannot train quantized weights. Fix: use "
@@ -196,6 +198,17 @@ class LoraTrainer:
         """The resolved plan: loading, method, trained parameters, batch sizes and steps, before training."""
         return explain_trainer(self, self.tokenize(data) if data is not None else None)
 
+    def plan(self, data: Data | None = None, *, gpus: int | None = None) -> TrainingPlan:
+        """Estimated peak GPU memory per GPU, before any weight is loaded (only config.json is read),
+        whether it fits the visible GPUs and, if not, the cheapest changes that fit.
+
+        ``data`` sizes the padded length by its longest row (else ``cutoff_len``); ``gpus`` is the
+        number of training processes (default: the launched ones, 1 alone). Example::
+
+            print(trainer.plan(tokens))          # parts, total, fits: yes/NO and what to try
+        """
+        return plan_trainer(self, self.tokenize(data) if data is not None else None, gpus=gpus)
+
     def train(self, data: Data, eval_data: Data | None = None) -> TrainResult:
         """Train and write the adapter (or the whole model for freeze/full tuning), tokenizer, provenance,
         log and plots to ``output_dir``.
@@ -212,9 +225,14 @@ class LoraTrainer:
                 self._check_encoding(given)
         out = Path(t.output_dir)
         resume = resume_point(t, out)
+        if resume is not None:
+            check_resume(resume, t, world_size())
         train_set = self.tokenize(data)
         eval_set = self._tokenize(eval_data, keep=False) if eval_data is not None else None
+        wait_for_everyone()  # launched: every process has looked at output_dir before rank 0 writes there
         check_stage(m, per_device_train_batch_size=t.per_device_train_batch_size, streaming=train_set.streaming)
+        checkpointing = resolve_checkpointing(self, train_set)
+        t = t.with_(gradient_checkpointing=checkpointing)
         goal = objective(m, self.preference, self.lora)
         # before loading: Accelerate's state lives in the arguments
         args = training_arguments(t, has_eval=eval_set is not None, cls=goal.arguments, **goal.arguments_kwargs)
@@ -236,9 +254,7 @@ class LoraTrainer:
                 if m.finetuning_type == "lora"
                 else []
             )
-            trained = prepare(
-                held.module, m, self.lora, targets, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing
-            )
+            trained = prepare(held.module, m, self.lora, targets, seed=t.seed, gradient_checkpointing=checkpointing)
             base = held.base_source
             lora = m.finetuning_type == "lora"
             adapters = (*(base.config.adapter_name_or_path or ()), str(out)) if lora else ()
@@ -282,7 +298,8 @@ class LoraTrainer:
             metrics=fitted.metrics,
             log_history=fitted.log_history,
             plots=fitted.plots,
-            model=_tuned(held, trained, base, adapters, out),
+            # sharded (ZeRO-3/FSDP) weights are not a usable model in one process: load() reads output_dir
+            model=None if sharded(t) else _tuned(held, trained, base, adapters, out),
             finetuning_type=m.finetuning_type,
         )
 
@@ -363,10 +380,6 @@ def _check_optim(name: str) -> None:
             f"optim: got {name!r}; expected an optimizer name transformers knows, such as adamw_torch."
             f"{did_you_mean(name, known)}"
         )
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "0"))
 
 
 def _names(data: Data) -> tuple[str, ...]:
