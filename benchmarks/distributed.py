@@ -152,12 +152,13 @@ def execute(run: Run, work: Path, model: Path, data: Path, cutoff: int, warmup: 
     plan_cmd = [sys.executable, "-m", "finetune_kit.cli.main", "train", str(yaml), "--plan"]
     plan = subprocess.run(plan_cmd, env=env, capture_output=True, text=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    with (work / "runs" / f"{run.name}.log").open("w") as log:  # a hung run leaves its output here
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
     report: dict[str, Any] = {"settings": run.__dict__ | {"global_batch": run.global_batch}, "wall_s": round(wall, 1)}
     report["plan"] = plan.stdout.strip().splitlines() or (plan.stderr.strip().splitlines()[-3:])
     if proc.returncode != 0:
-        report["error"] = (proc.stdout + proc.stderr)[-3000:]
+        report["error"] = (work / "runs" / f"{run.name}.log").read_text()[-3000:]
         return report
     report.update(read_run(out, run, warmup))
     placement = out / "placement.json"

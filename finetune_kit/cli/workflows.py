@@ -97,7 +97,7 @@ def run_train(
         say(f"{'Adapter' if result.is_adapter else 'Model'}, tokenizer, config and logs: {result.output_dir}")
         if not is_main_process():
             return  # rank 0 alone predicts
-        tuned = result.load()
+        tuned = result.load() if run.do_predict else None
     if run.do_predict and is_main_process():
         _predict(
             tuned if tuned is not None else source.load(), registry, data, generation, predict, training.output_dir

@@ -294,6 +294,14 @@ def fsdp_config(value: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
     return data
 
 
+def forget_zero3() -> None:
+    """Undo what DeepSpeed ZeRO-3 training arguments set process-wide, so ``from_pretrained`` loads whole
+    models again (transformers partitions every load while a ZeRO-3 config is registered)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def sharded(t: Any) -> bool:
     """True when the weights are split across processes while training (DeepSpeed ZeRO-3 or FSDP)."""
     if t.fsdp:

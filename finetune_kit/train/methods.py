@@ -123,5 +123,7 @@ def trainable_names(model: Any) -> list[str]:
 def _to_float32(p: Any) -> None:
     import torch
 
+    if getattr(p, "ds_id", None) is not None:
+        return  # partitioned by DeepSpeed ZeRO-3, which keeps its own float32 master copy
     if p.dtype != torch.float32 and p.is_floating_point():
         p.data = p.data.float()

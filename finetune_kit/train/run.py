@@ -170,11 +170,11 @@ def fit(
         with quiet_checkpointing():
             metrics.update(hf.evaluate())
     plots: tuple[Path, ...] = ()
+    if save is None:
+        hf.save_model(str(out))  # every process: ZeRO-3/FSDP gather the weights; the main one writes
     if hf.is_world_process_zero():
         if save is not None:
             save(hf.model, out)
-        else:
-            hf.save_model(str(out))
         tokenizer.save_pretrained(out)
         hf.save_state()
         write_json(out / TRAIN_RESULTS, metrics)

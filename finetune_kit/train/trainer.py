@@ -22,7 +22,7 @@ from finetune_kit.models.quantize import check_quantization, is_quantized
 from finetune_kit.models.source import ModelSource
 from finetune_kit.train.budget import TrainingPlan, plan_trainer, resolve_checkpointing
 from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
-from finetune_kit.train.distributed import check_sharding, sharded, wait_for_everyone, world_size
+from finetune_kit.train.distributed import check_sharding, forget_zero3, sharded, wait_for_everyone, world_size
 from finetune_kit.train.explain import explain_trainer
 from finetune_kit.train.held import Held
 from finetune_kit.train.lora import resolve_targets, save_adapter, saved_adapter
@@ -292,6 +292,8 @@ class LoraTrainer:
             )
         finally:
             held.restore()
+            if sharded(t):  # later loads in this process (result.load(), predict) are whole models again
+                forget_zero3()
         return TrainResult(
             output_dir=out,
             base=base,

@@ -212,6 +212,8 @@ def test_cli_launches_itself_and_matches_one_process(one_process, two_processes)
     record = json.loads((out / "checkpoint-2" / LAUNCH_RECORD).read_text())
     assert record["world_size"] == 2 and record["global_batch_size"] == 4
     assert sorted(p.name for p in (out / "checkpoint-2").glob("rng_state_*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    saved = json.loads((out / "finetune_kit_config.json").read_text())["config"]["training"]
+    assert saved["gradient_checkpointing"] is False  # auto, resolved: no GPU, nothing to fit
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process(one_process, two_processes, tmp_path: Path):
@@ -272,3 +274,13 @@ def test_notebook_launcher(script_one_process, run_yaml: Path, tiny_llama_dir: P
     losses, world = _script_losses(out)
     assert world == "2"
     assert losses == pytest.approx(script_one_process, rel=1e-5, abs=1e-5)
+
+
+def test_a_two_process_checkpoint_merges_and_exports(two_processes, tiny_llama_dir: Path, tmp_path: Path):
+    out, _ = two_processes
+    merged = tmp_path / "merged"
+    argv = ["export", "--model_name_or_path", str(tiny_llama_dir), "--template", "smollm2"]
+    argv += ["--adapter_name_or_path", str(out / "checkpoint-2"), "--export_dir", str(merged)]
+    assert main(argv) == 0
+    model = ModelSource.local(merged).load()
+    assert model.adapters == () and any(merged.glob("*.safetensors"))
