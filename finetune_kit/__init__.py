@@ -44,6 +44,7 @@ _EXPORTS = {
     "MethodConfig": "finetune_kit.train.config",
     "PreferenceConfig": "finetune_kit.train.config",
     "TrainResult": "finetune_kit.train.result",
+    "TrainingPlan": "finetune_kit.train.budget",
     "Evaluator": "finetune_kit.evaluate.evaluator",
     "EvalReport": "finetune_kit.evaluate.result",
     "PredictConfig": "finetune_kit.evaluate.config",
@@ -109,6 +110,7 @@ if TYPE_CHECKING:
     from finetune_kit.models.source import ModelSource
     from finetune_kit.serve.config import ServeConfig
     from finetune_kit.serve.server import Server, ServerHandle
+    from finetune_kit.train.budget import TrainingPlan
     from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
     from finetune_kit.train.result import TrainResult
     from finetune_kit.train.trainer import LoraTrainer

@@ -26,6 +26,7 @@ EXPECTED = sorted(
         "MethodConfig",
         "PreferenceConfig",
         "TrainResult",
+        "TrainingPlan",
         "Evaluator",
         "EvalReport",
         "Exporter",

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune_kit._version import __version__
 from finetune_kit.cli.workflows import plan_run, run_chat, run_data_check, run_predict, run_train, train_checks
@@ -225,12 +226,24 @@ def usage() -> str:
     )
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a note is logged (a notebook's or a test's capture)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging() -> None:
     """Notes from the library (``finetune_kit.*`` loggers, INFO and up) go to stderr, one line each;
     launched processes other than rank 0 keep only warnings, so each note shows once."""
     logger = logging.getLogger("finetune_kit")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("[finetune_kit] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)

@@ -25,6 +25,12 @@ IGNORED: dict[str, str] = {
     "mask_history": "only training encodes examples",
 }
 
+# LLaMA-Factory's negated switches: key -> the finetune_kit key it sets to the opposite value
+# (only when that key is not given itself).
+NEGATED: dict[str, str] = {
+    "disable_gradient_checkpointing": "gradient_checkpointing",
+}
+
 # Accepted when false (or unset); refused when true, with the reason.
 ONLY_FALSE: dict[str, str] = {
     "packing": "sequence packing is planned",

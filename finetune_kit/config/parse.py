@@ -15,8 +15,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from finetune_kit.config.base import _FALSE, _NONE, StageConfig
-from finetune_kit.config.compat import IGNORED, ONLY_FALSE, UNSUPPORTED
+from finetune_kit.config.base import _FALSE, _NONE, StageConfig, coerce
+from finetune_kit.config.compat import IGNORED, NEGATED, ONLY_FALSE, UNSUPPORTED
 from finetune_kit.errors import ConfigError, UnknownKeysError, did_you_mean
 
 logger = logging.getLogger("finetune_kit.config")
@@ -109,6 +109,13 @@ def build(values: Mapping[str, Any], sections: Sequence[type[StageConfig]], *, c
     known = {f.name for cls in sections for f in fields(cls)}
     problems: list[str] = []
     values = dict(values)
+    for key in [k for k in values if k in NEGATED and NEGATED[k] in known]:
+        try:
+            flag = coerce(values.pop(key), bool, key)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        values.setdefault(NEGATED[key], not flag)
     for key in [k for k in values if k not in known]:
         if key in IGNORED:
             logger.info("'%s' is accepted for LLaMA-Factory compatibility and ignored: %s", key, IGNORED[key])

@@ -154,13 +154,13 @@ def test_unknown_and_unsupported_keys_are_listed_together(tmp_path):
         "do_train=true",
         "model_name_or_path=bundled:smollm2-135m-instruct",
         "lora_rnk=4",
-        "--deepspeed",
-        "z3.json",
+        "--ref_model",
+        "org/ref",
         "learning_rate=fast",
     )
     assert proc.returncode == 1
     err = proc.stderr
     assert "3 problems" in err and "Traceback" not in err
     assert "lora_rnk" in err and "Did you mean 'lora_rank'" in err
-    assert "deepspeed" in err and "not support yet" in err
+    assert "ref_model" in err and "not support yet" in err
     assert "learning_rate: got 'fast'" in err

@@ -183,13 +183,13 @@ def test_overrides_beat_the_yaml(lf_yaml_file):
 
 
 def test_unknown_unsupported_and_bad_values_are_reported_together(lf_yaml_file):
-    argv = [str(lf_yaml_file), "lora_rnak=4", "--deepspeed", "ds_z3.json", "use_galore=true", "learning_rate=abc"]
+    argv = [str(lf_yaml_file), "lora_rnak=4", "--ref_model", "org/ref", "use_galore=true", "learning_rate=abc"]
     with pytest.raises(UnknownKeysError) as err:
         build(collect(argv), BASE_SECTIONS)
     problems = err.value.problems
     assert len(problems) == 4
     assert "unknown key 'lora_rnak'. Did you mean 'lora_rank'?" in problems
-    assert any(p.startswith("'deepspeed' is a LLaMA-Factory key") and "Fix: remove it" in p for p in problems)
+    assert any(p.startswith("'ref_model' is a LLaMA-Factory key") and "Fix: remove it" in p for p in problems)
     assert any(p.startswith("'use_galore' is a LLaMA-Factory key") and "QLoRA" in p for p in problems)
     assert "learning_rate: got 'abc'; expected a number" in problems
     assert isinstance(err.value, ConfigError) and isinstance(err.value, ValueError)
@@ -232,8 +232,8 @@ def test_cli_reports_every_problem_without_a_traceback():
         "do_train=true",
         "--bogus",
         "1",
-        "--deepspeed",
-        "x.json",
+        "--ref_model",
+        "org/ref",
         "learning_rate=abc",
         "model_name_or_path=bundled:smollm2-135m-instruct",
     )
@@ -241,7 +241,7 @@ def test_cli_reports_every_problem_without_a_traceback():
     assert "Traceback" not in out.stderr
     assert out.stderr.startswith("finetune-kit train: error: Invalid configuration (3 problems):")
     assert "unknown key 'bogus'" in out.stderr
-    assert "'deepspeed' is a LLaMA-Factory key" in out.stderr
+    assert "'ref_model' is a LLaMA-Factory key" in out.stderr
     assert "learning_rate: got 'abc'; expected a number" in out.stderr
 
 

@@ -111,3 +111,16 @@ def test_cli_plan_prints_and_trains_nothing(tiny_llama_dir: Path, tmp_path: Path
     text = capsys.readouterr().out
     assert "GPU memory plan" in text and "total" in text
     assert not out.exists()
+
+
+def test_llamafactory_disable_gradient_checkpointing_is_understood():
+    from finetune_kit.config.parse import build
+    from finetune_kit.train.config import TrainingConfig
+
+    def checkpointing(**values):
+        return build(values, [TrainingConfig])[TrainingConfig].gradient_checkpointing
+
+    assert checkpointing() == "auto"
+    assert checkpointing(disable_gradient_checkpointing=True) is False
+    assert checkpointing(disable_gradient_checkpointing="false") is True  # LLaMA-Factory's own default: on
+    assert checkpointing(disable_gradient_checkpointing=True, gradient_checkpointing=True) is True  # ours wins
