@@ -25,7 +25,7 @@ from finetune_kit.models.loaded import LoadedModel
 from finetune_kit.models.loader import load_tokenizer
 from finetune_kit.models.source import ModelSource
 from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
-from finetune_kit.train.distributed import is_main_process, plan_launch, visible_gpus
+from finetune_kit.train.distributed import check_sharding, is_main_process, plan_launch, visible_gpus
 from finetune_kit.train.trainer import LoraTrainer
 
 
@@ -61,6 +61,8 @@ def run_train(
 ) -> None:
     method, preference = method or MethodConfig(), preference or PreferenceConfig()
     source = ModelSource.from_config(model_cfg)
+    if run.do_train:
+        check_sharding(training)  # DeepSpeed/FSDP this machine cannot run: said before anything is read
     registry = DatasetRegistry.from_dir(data.dataset_dir)
     tuned: LoadedModel | None = None
     if run.do_train:

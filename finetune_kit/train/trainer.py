@@ -79,7 +79,6 @@ class LoraTrainer:
             )
         if isinstance(self.model, ModelSource):
             check_quantization(self.model.config, path=self.model.local_path())
-        check_sharding(self.training)
         if self.method.finetuning_type != "lora" and self._quantized():
             raise ConfigError(
                 f"finetuning_type: {self.method.finetuning_type} cannot train quantized weights. Fix: use "
@@ -219,6 +218,7 @@ class LoraTrainer:
         """
         t, m = self.training, self.method
         Environment.detect().require(bf16=t.bf16, fp16=t.fp16)
+        check_sharding(t)  # here, not when built: plan() of a DeepSpeed run works on any machine
         _check_optim(t.optim)
         for given in (data, eval_data):
             if isinstance(given, TokenizedDataset):

@@ -105,10 +105,18 @@ def test_deepspeed_key_errors(tmp_path: Path):
         deepspeed_config(str(bad))
 
 
-def test_deepspeed_and_fsdp_without_cuda_fail_before_loading(tiny_llama_dir: Path):
+def test_deepspeed_and_fsdp_without_cuda_fail_before_loading(tiny_llama_dir: Path, tmp_path: Path, capsys):
     for changes in ({"deepspeed": "ds_z3"}, {"fsdp": "full_shard auto_wrap"}):
+        trainer = LoraTrainer(ModelSource.local(tiny_llama_dir), training=TrainingConfig(**changes))
         with pytest.raises(EnvironmentCheckError, match="Fix"):
-            LoraTrainer(ModelSource.local(tiny_llama_dir), training=TrainingConfig(**changes))
+            trainer.train("not even data")  # type: ignore[arg-type]  # refused before the data is looked at
+    argv = ["train", "--do_train", "true", "--model_name_or_path", str(tiny_llama_dir), "--template", "smollm2"]
+    argv += ["--dataset", "missing", "--dataset_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")]
+    assert main([*argv, "--deepspeed", "ds_z3"]) != 0
+    assert "deepspeed" in capsys.readouterr().err
+    # planning a ZeRO-3 run needs no GPU and no DeepSpeed: only config.json
+    assert main([*argv, "--deepspeed", "ds_z3", "--plan"]) == 0
+    assert "ZeRO-3" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="pick one"):
         TrainingConfig(deepspeed="ds_z2", fsdp="full_shard")
 
