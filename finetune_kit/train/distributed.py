@@ -247,8 +247,6 @@ def check_sharding(t: Any) -> None:
 
     if t.deepspeed:
         deepspeed_config(t.deepspeed)
-        if importlib.util.find_spec("deepspeed") is None:
-            raise MissingDependencyError("deepspeed", purpose="deepspeed: (ZeRO sharding)", extra="deepspeed")
     if (t.deepspeed or t.fsdp) and not torch.cuda.is_available():
         what = "deepspeed" if t.deepspeed else "fsdp"
         raise EnvironmentCheckError(
@@ -256,6 +254,8 @@ def check_sharding(t: Any) -> None:
             "plain data parallelism (FORCE_TORCHRUN=1 NPROC_PER_NODE=N runs N processes on CPU too), or run on a "
             "GPU machine"
         )
+    if t.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise MissingDependencyError("deepspeed", purpose="DeepSpeed ZeRO (the deepspeed key)", extra="deepspeed")
 
 
 def zero_stage(config: str | None) -> int:

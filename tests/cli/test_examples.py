@@ -3,8 +3,8 @@
 Each example runs as shipped, from the repository root (its ``dataset_dir`` is relative to it),
 with a few overrides that make it quick on a CPU: a few steps and rows, a short cutoff, and the
 tiny random model in place of the bundled one (its tokenizer is SmolLM2's, so the examples'
-``template: smollm2`` applies unchanged). The QLoRA example needs CUDA: on a CPU machine it must
-stop at configuration time with exit status 1, before any data is read; on a GPU it trains.
+``template: smollm2`` applies unchanged). The QLoRA and ZeRO-3 examples need CUDA: on a CPU machine
+they must stop with exit status 1 before any data is read; on GPUs they train.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 YAMLS = sorted(EXAMPLES.rglob("*.yaml"))
 QLORA = EXAMPLES / "train_qlora" / "shop_qlora_sft.yaml"
+ZERO3 = EXAMPLES / "train_lora" / "shop_lora_sft_ds3.yaml"
+GPU_ONLY = {QLORA: ("CUDA", "quantization_bit: 4"), ZERO3: ("CUDA", "deepspeed")}
 EXPECTED = {
     "train_lora/shop_lora_sft.yaml": ("sft", "lora", None),
     "train_lora/shop_lora_pretrain.yaml": ("pt", "lora", None),
@@ -33,6 +35,7 @@ EXPECTED = {
     "train_lora/shop_lora_orpo.yaml": ("dpo", "lora", "orpo"),
     "train_lora/shop_lora_simpo.yaml": ("dpo", "lora", "simpo"),
     "train_lora/shop_dora_sft.yaml": ("sft", "lora", None),
+    "train_lora/shop_lora_sft_ds3.yaml": ("sft", "lora", None),
     "train_qlora/shop_qlora_sft.yaml": ("sft", "lora", None),
     "train_full/shop_full_sft.yaml": ("sft", "full", None),
     "train_freeze/shop_freeze_sft.yaml": ("sft", "freeze", None),
@@ -91,7 +94,7 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.parametrize("path", [p for p in YAMLS if p != QLORA], ids=name)
+@pytest.mark.parametrize("path", [p for p in YAMLS if p not in GPU_ONLY], ids=name)
 def test_example_trains_through_the_cli(path: Path, at_root: Path, tiny_llama_dir: Path, capsys):
     out = at_root / "out"
     argv = ["train", str(path.relative_to(ROOT)), *QUICK, f"model_name_or_path={tiny_llama_dir}", f"output_dir={out}"]
@@ -118,8 +121,9 @@ def test_example_trains_through_the_cli(path: Path, at_root: Path, tiny_llama_di
     assert record["config"]["model"]["template"] == "smollm2"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-machine behaviour of the QLoRA example")
-def test_qlora_example_on_a_cpu_stops_before_reading_data(at_root: Path, capsys, monkeypatch):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-machine behaviour of the GPU-only examples")
+@pytest.mark.parametrize("path", sorted(GPU_ONLY), ids=name)
+def test_gpu_only_example_on_a_cpu_stops_before_reading_data(path: Path, at_root: Path, capsys, monkeypatch):
     read: list[str] = []
     for method in ("load", "stream"):
         real = getattr(DatasetRegistry, method)
@@ -130,10 +134,10 @@ def test_qlora_example_on_a_cpu_stops_before_reading_data(at_root: Path, capsys,
 
         monkeypatch.setattr(DatasetRegistry, method, spy)
     out = at_root / "out"
-    code = main(["train", str(QLORA.relative_to(ROOT)), f"output_dir={out}"])  # the example as shipped
+    code = main(["train", str(path.relative_to(ROOT)), f"output_dir={out}"])  # the example as shipped
     err = capsys.readouterr().err
     assert code == 1
-    assert "CUDA" in err and "quantization_bit: 4" in err and "Fix:" in err
+    assert all(word in err for word in GPU_ONLY[path]) and "Fix:" in err
     assert read == [], "the data must not be read before the configuration is known to run"
     assert not out.exists()
 
@@ -151,3 +155,24 @@ def test_qlora_example_trains_on_a_gpu(at_root: Path, tiny_llama_dir: Path, caps
     assert losses and all(math.isfinite(loss) for loss in losses)
     record = json.loads((out / "finetune_kit_config.json").read_text())
     assert record["config"]["model"]["quantization_bit"] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_zero3_example_trains_on_two_gpus(at_root: Path, tiny_llama_dir: Path, capsys, monkeypatch):
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    out = at_root / "out"
+    code = main(
+        [
+            "train",
+            str(ZERO3.relative_to(ROOT)),
+            *QUICK,
+            "save_steps=2",
+            f"model_name_or_path={tiny_llama_dir}",
+            f"output_dir={out}",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "checkpoint-2" / "finetune_kit_launch.json").read_text())["deepspeed_zero_stage"] == 3
