@@ -138,6 +138,16 @@ def resolve_checkpointing(
     return bool(needs_checkpointing(shape or _shape(trainer), inputs, min(visible)))
 
 
+def describe_checkpointing(trainer: LoraTrainer, tokens: TokenizedDataset | None = None) -> str:
+    """Gradient checkpointing as it will run, and why when ``auto`` chose it (for ``explain()``)."""
+    state = "on" if resolve_checkpointing(trainer, tokens) else "off"
+    if trainer.training.gradient_checkpointing != "auto":
+        return state
+    if not visible_gpu_bytes():
+        return f"{state} (auto: no CUDA GPU)"
+    return f"{state} (auto: the memory plan {'needs it' if state == 'on' else 'fits without it'})"
+
+
 def _shape(trainer: LoraTrainer) -> Any:
 
     if isinstance(trainer.model, LoadedModel):

@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from finetune_kit.models.adapters import is_peft
+from finetune_kit.train.budget import describe_checkpointing
 from finetune_kit.train.lora import count_lora_params, resolve_targets
 from finetune_kit.train.methods import freeze_plan
 
@@ -82,6 +83,7 @@ def explain_trainer(trainer: LoraTrainer, tokens: TokenizedDataset | None) -> st
         f"accumulation x {devices} device(s) = {effective} per step",
         f"optimizer:        {t.optim}, lr {t.learning_rate}, {t.lr_scheduler_type} schedule, "
         f"precision {'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}",
+        f"checkpointing:    {describe_checkpointing(trainer, tokens)}",
         f"template:         {trainer._template_name()}, cutoff_len {trainer.encoding.cutoff_len}",
         f"output_dir:       {t.output_dir}",
     ]

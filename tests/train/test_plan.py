@@ -54,6 +54,7 @@ def test_plan_without_a_gpu_reads_only_the_config(tiny_llama_dir: Path):
 
 def test_auto_checkpointing_is_off_without_a_gpu(tiny_llama_dir: Path):
     assert resolve_checkpointing(_trainer(tiny_llama_dir)) is False
+    assert "checkpointing:    off (auto: no CUDA GPU)" in _trainer(tiny_llama_dir).explain()
 
 
 def test_auto_checkpointing_turns_on_only_when_needed(h100, tiny_llama_dir: Path):
@@ -64,6 +65,7 @@ def test_auto_checkpointing_turns_on_only_when_needed(h100, tiny_llama_dir: Path
     assert resolve_checkpointing(big.with_training(gradient_checkpointing=False)) is False  # an explicit choice wins
     plan = big.plan()
     assert plan.fits is True and plan.inputs.gradient_checkpointing is True
+    assert "checkpointing:    on (auto: the memory plan needs it)" in big.explain()
 
 
 def test_a_plan_that_does_not_fit_names_the_cheapest_fix(h100, tiny_llama_dir: Path):
