@@ -258,19 +258,22 @@ def check_sharding(t: Any) -> None:
         raise MissingDependencyError("deepspeed", purpose="DeepSpeed ZeRO (the deepspeed key)", extra="deepspeed")
 
 
+def _zero_section(config: str | None) -> dict[str, Any]:
+    """The ``zero_optimization`` section of a resolved DeepSpeed config file ({} without DeepSpeed)."""
+    if not config:
+        return {}
+    section = json.loads(Path(config).read_text(encoding="utf-8")).get("zero_optimization", {})
+    return section if isinstance(section, dict) else {}
+
+
 def zero_stage(config: str | None) -> int:
     """The ZeRO stage a resolved DeepSpeed config file asks for (0 without DeepSpeed)."""
-    if not config:
-        return 0
-    data = json.loads(Path(config).read_text(encoding="utf-8"))
-    return int(data.get("zero_optimization", {}).get("stage", 0))
+    return int(_zero_section(config).get("stage", 0))
 
 
 def offloads(config: str | None) -> tuple[bool, bool]:
     """Whether a DeepSpeed config offloads the optimizer states and the parameters to the CPU."""
-    if not config:
-        return False, False
-    zero = json.loads(Path(config).read_text(encoding="utf-8")).get("zero_optimization", {})
+    zero = _zero_section(config)
 
     def on(key: str) -> bool:
         return str(zero.get(key, {}).get("device", "none")).lower() in ("cpu", "nvme")
