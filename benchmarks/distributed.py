@@ -98,7 +98,7 @@ def yaml_text(run: Run, model: Path, data: Path, out: Path, cutoff: int, smoke: 
         "output_dir": out,
         "overwrite_output_dir": "true",
         "logging_steps": 1,
-        "save_steps": 100000,
+        "save_strategy": '"no"',  # a full-FT 8B checkpoint with ZeRO optimizer states is ~130 GB
         "per_device_train_batch_size": run.per_device,
         "gradient_accumulation_steps": run.accumulation,
         "learning_rate": run.lr,

@@ -118,6 +118,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
         raise ValueError(errors[0] if errors else f"{name}: got {value!r}")
     if origin is Literal:
         allowed = list(args)
+        if value is False and "no" in allowed:  # YAML reads a bare `no` as false (save_strategy: no)
+            return "no"
         if value in allowed:
             return value
         if isinstance(value, str):

@@ -165,6 +165,11 @@ class TrainingConfig(StageConfig):
     max_grad_norm: float = option(1.0, "Gradient clipping norm.")
     optim: str = option("adamw_torch", "Optimizer name understood by transformers (adamw_torch, ...).")
     logging_steps: int = option(10, "Log loss and learning rate every N steps.")
+    save_strategy: Literal["steps", "epoch", "no"] = option(
+        "steps",
+        "When to save resumable checkpoints: every save_steps steps (and at the end), every epoch, or no (only the "
+        "final model; a stop signal still saves one).",
+    )
     save_steps: int = option(500, "Save a resumable checkpoint every N steps.")
     save_total_limit: int | None = option(None, "Keep at most N checkpoints.")
     eval_steps: int | None = option(None, "Evaluate every N steps when an eval set is given (default: per epoch).")

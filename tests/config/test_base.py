@@ -69,6 +69,13 @@ def test_coerce_rejects_with_the_value_and_expectation(value, annotation, messag
         coerce(value, annotation, "key")
 
 
+def test_yaml_bare_no_reads_as_the_no_choice():
+    # YAML 1.1 turns `save_strategy: no` into False
+    assert coerce(False, Literal["steps", "epoch", "no"], "save_strategy") == "no"
+    with pytest.raises(ValueError, match="expected one of"):
+        coerce(False, Literal["linear", "cosine"], "lr_scheduler_type")
+
+
 def test_literal_suggests_the_close_value():
     with pytest.raises(ValueError) as err:
         coerce("cosin", Literal["linear", "cosine"], "lr_scheduler_type")

@@ -30,7 +30,8 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 def _train(tiny_llama_dir: Path, out: Path, gpus: int, *extra: str) -> list[float]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env.update(CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))), HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "finetune_kit.cli.main", "train", "--do_train", "true"]
     cmd += ["--model_name_or_path", str(tiny_llama_dir), "--template", "smollm2", "--dataset", "shop_alpaca"]
     cmd += ["--dataset_dir", str(DEMO), "--cutoff_len", "64", "--max_samples", "64", "--lora_target", "all"]

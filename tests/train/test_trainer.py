@@ -123,6 +123,15 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
     assert log[: len(first_log)] == first_log and [r["current_steps"] for r in resumed if "loss" in r] == [3, 4]
 
 
+def test_save_strategy_no_keeps_only_the_final_model(tiny_llama, tmp_path):
+    data = write_dataset(tmp_path / "data").load("tiny")
+    out = tmp_path / "out"
+    quick_trainer(tiny_llama, out, max_steps=2, save_steps=1, save_strategy="no").train(data)
+    assert not list(out.glob("checkpoint-*")) and (out / "adapter_model.safetensors").is_file()
+    quick_trainer(tiny_llama, tmp_path / "steps", max_steps=2, save_steps=1).train(data)
+    assert sorted(p.name for p in (tmp_path / "steps").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
 def test_accumulation_matches_a_larger_batch(tiny_llama, tmp_path):
     data = write_dataset(tmp_path / "data").load("tiny")
     a = (
