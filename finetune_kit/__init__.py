@@ -58,6 +58,7 @@ _EXPORTS = {
     "FinetuneKitWarning": "finetune_kit.errors",
     "ConfigError": "finetune_kit.errors",
     "TrainingError": "finetune_kit.errors",
+    "ExportError": "finetune_kit.errors",
     "TrainingInterrupted": "finetune_kit.errors",
     "UnknownKeysError": "finetune_kit.errors",
     "DatasetError": "finetune_kit.errors",

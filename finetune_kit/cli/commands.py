@@ -19,6 +19,7 @@ from finetune_kit.environment import Environment
 from finetune_kit.evaluate.config import PredictConfig
 from finetune_kit.export.config import ExportConfig
 from finetune_kit.export.exporter import Exporter
+from finetune_kit.export.gguf_set import describe_gguf
 from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.models.source import ModelSource
@@ -84,6 +85,10 @@ def export(argv: Sequence[str]) -> int:
     if cfg is not None:
         exported = Exporter(ModelSource.from_config(cfg[ModelConfig]), cfg[ExportConfig]).merge()
         print(f"Merged model written to {exported.export_dir} ({', '.join(exported.files)})")
+        if exported.gguf is not None:
+            print(describe_gguf(exported.gguf))
+        if exported.hub_url is not None:
+            print(f"Pushed to {exported.hub_url}")
     return 0
 
 

@@ -77,13 +77,13 @@ UNSUPPORTED: dict[str, str] = {
         )
     },
     **{
-        k: "GGUF/quantized export is planned"
+        k: "GPTQ quantization at export is not supported; for a quantized model use export_gguf: q4_K_M "
+        "(GGUF for llama.cpp and Ollama, quantized by llama.cpp)"
         for k in (
             "export_quantization_bit",
             "export_quantization_dataset",
             "export_quantization_nsamples",
             "export_quantization_maxlen",
-            "export_hub_model_id",
         )
     },
     **{

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit._artifacts import EXPORT_RECORD, write_record
 from finetune_kit._fs import atomic_dir
 from finetune_kit.errors import OutputExistsError
+from finetune_kit.export.card import MODEL_CARD, model_card
 from finetune_kit.export.result import ExportedModel
 
 if TYPE_CHECKING:
@@ -25,11 +27,19 @@ def prepare_target(export_dir: Path, overwrite: bool) -> None:
 
 
 def write_export(
-    model: LoadedModel, merged: Any, export_dir: Path, *, shard_gb: int, legacy: bool, info: dict[str, Any]
+    model: LoadedModel,
+    merged: Any,
+    export_dir: Path,
+    *,
+    shard_gb: int,
+    legacy: bool,
+    info: dict[str, Any],
+    metrics: Mapping[str, Any] | None = None,
 ) -> ExportedModel:
-    """Write weights, tokenizer (with the chat template) and generation config atomically.
+    """Write weights, tokenizer (with the chat template), generation config and model card atomically.
 
-    ``merged`` is the plain transformers model to save (its configs get the template's stop ids).
+    ``merged`` is the plain transformers model to save (its configs get the template's stop ids);
+    ``metrics`` are the final training metrics for the card (else read from the last adapter's folder).
     """
     export_dir = export_dir.resolve()
     with atomic_dir(export_dir) as tmp:
@@ -42,5 +52,6 @@ def write_export(
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(tmp)
         write_record(tmp, EXPORT_RECORD, info)
+        (tmp / MODEL_CARD).write_text(model_card(info, metrics=metrics), encoding="utf-8")
     files = tuple(sorted(p.name for p in export_dir.iterdir()))
     return ExportedModel(export_dir, model.template.name if not model.template.is_native else None, files)

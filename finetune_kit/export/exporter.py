@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,9 @@ from finetune_kit._artifacts import provenance
 from finetune_kit.errors import ConfigError
 from finetune_kit.export._write import prepare_target, write_export
 from finetune_kit.export.config import ExportConfig
-from finetune_kit.export.result import ExportedModel
+from finetune_kit.export.gguf_set import write_gguf_set
+from finetune_kit.export.hub import push_to_hub
+from finetune_kit.export.result import ExportedModel, GgufExport
 from finetune_kit.models.adapters import is_peft, merged_clone
 from finetune_kit.models.loaded import LoadedModel
 from finetune_kit.models.quantize import is_quantized, saved_dtype
@@ -91,6 +95,81 @@ class Exporter:
                 "model": model.source.config.with_(template=template).to_saved_dict(),
             },
         )
-        return write_export(
-            model, merged, target, shard_gb=self.config.export_size, legacy=self.config.export_legacy_format, info=info
+        exported = write_export(
+            model,
+            merged,
+            target,
+            shard_gb=self.config.export_size,
+            legacy=self.config.export_legacy_format,
+            info=info,
+            metrics=getattr(self.model, "metrics", None),
         )
+        if self.config.export_gguf:
+            reference = model if not owned else replace(model, model=merged, adapters=())
+            ggufs = write_gguf_set(exported.export_dir, exported.export_dir, reference, self.config)
+            exported = replace(exported, files=tuple(sorted(p.name for p in exported.export_dir.iterdir())), gguf=ggufs)
+        if self.config.export_hub_model_id:
+            token = model.source.config.hf_hub_token
+            url = push_to_hub(exported.export_dir, self.config.export_hub_model_id, token=token)
+            exported = replace(exported, hub_url=url)
+        return exported
+
+    def to_gguf(
+        self,
+        path: str | Path,
+        outtype: str | Sequence[str] = "f16",
+        *,
+        parity: bool = True,
+        ollama: str | None = None,
+        num_ctx: int | None = None,
+        probes: Sequence[str] | None = None,
+    ) -> GgufExport:
+        """Write GGUF file(s) for llama.cpp and Ollama into the folder ``path``, with a ``Modelfile``.
+
+        ``outtype``: f32, f16, bf16, q8_0 (llama.cpp's converter) or q4_K_M, q5_K_M, q6_K (llama.cpp's
+        quantizer), or several. With ``parity`` each file is checked with llama.cpp against this
+        model (greedy replies to probe prompts, the chat template, stopping) and ``parity.json`` is
+        written beside it. ``ollama`` names the model for ``ollama create`` when Ollama is installed;
+        ``num_ctx`` overrides the Modelfile's context (default: the training cutoff_len); ``probes`` are
+        the parity prompts (default: a fixed mix of English and Chinese questions). Example::
+
+            gguf = Exporter(result).to_gguf("gguf/shop", "q4_K_M")
+            print(gguf.parity[0].summary())
+        """
+        types = (outtype,) if isinstance(outtype, str) else tuple(outtype)
+        config = self.config.with_(export_gguf=types, gguf_parity=parity, export_ollama=ollama, ollama_num_ctx=num_ctx)
+        folder = Path(path).resolve()
+        if folder.suffix == ".gguf":
+            raise ConfigError(
+                f"to_gguf takes a folder, got the file name {folder.name}. "
+                f"Fix: to_gguf('{folder.parent / folder.stem}') (files are named <folder>-<type>.gguf)"
+            )
+        folder_source = self._merged_folder()
+        if folder_source is not None:
+            return write_gguf_set(folder_source, folder, self._reference(), config, probes=probes)
+        model, owned = self._resolve()
+        staging = folder.parent / f".{folder.name}.merging"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            reference = Exporter(model, self.config.with_(export_gguf=())).merge(staging)
+            held = model if not owned else reference.load()
+            return write_gguf_set(staging, folder, held, config, probes=probes)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _merged_folder(self) -> Path | None:
+        """A folder already holding a plain merged model (an export, or a local model without adapters)."""
+        if isinstance(self.model, ExportedModel):
+            return self.model.export_dir
+        if isinstance(self.model, ModelSource) and not self.model.config.adapter_name_or_path:
+            local = self.model.local_path()
+            if local is not None and local.is_dir() and (local / "config.json").is_file():
+                return local
+        return None
+
+    def _reference(self) -> LoadedModel:
+        """The model the GGUF files are checked against (and whose template the Modelfile writes)."""
+        if isinstance(self.model, ExportedModel):
+            return self.model.load()
+        model, _ = self._resolve()
+        return model

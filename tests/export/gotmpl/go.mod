@@ -1,0 +1,3 @@
+module gotmpl
+
+go 1.19
