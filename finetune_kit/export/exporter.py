@@ -17,7 +17,7 @@ from finetune_kit.export.hub import push_to_hub
 from finetune_kit.export.result import ExportedModel, GgufExport
 from finetune_kit.models.adapters import is_peft, merged_clone
 from finetune_kit.models.loaded import LoadedModel
-from finetune_kit.models.quantize import is_quantized, saved_dtype
+from finetune_kit.models.quantize import is_quantized, prequantized_method, saved_dtype
 from finetune_kit.models.source import ModelSource
 
 
@@ -79,6 +79,7 @@ class Exporter:
             raise ConfigError("export_dir is required. Fix: pass export_dir='merged-model' (or --export_dir)")
         target = Path(target)
         prepare_target(target, self.config.overwrite_export_dir)
+        self._refuse_prequantized()
         model, owned = self._resolve()
         if owned:
             merged = model.model.merge_and_unload() if is_peft(model.model) else model.model
@@ -156,6 +157,26 @@ class Exporter:
             return write_gguf_set(staging, folder, held, config, probes=probes)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _refuse_prequantized(self) -> None:
+        """A base saved quantized (GPTQ, AWQ, ...) cannot take merged weights: say what to do instead."""
+        held = self.model if isinstance(self.model, LoadedModel) else getattr(self.model, "model", None)
+        method = None
+        if isinstance(held, LoadedModel):
+            quant = getattr(getattr(held.model, "config", None), "quantization_config", None)
+            method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+            method = str(getattr(method, "value", method)).lower() if method else None
+        if method is None:
+            base = getattr(self.model, "base", self.model)
+            local = base.local_path() if isinstance(base, ModelSource) else None
+            method = prequantized_method(local) if local is not None and local.is_dir() else None
+        if method and method != "bitsandbytes":
+            raise ConfigError(
+                f"the base model's weights are saved {method.upper()}-quantized, and an adapter cannot be merged "
+                "into quantized weights. Fix: merge into the 16-bit model it was quantized from (model_name_or_path: "
+                "that model, same adapter_name_or_path), then export_gguf: q4_K_M for a quantized file; or serve "
+                "the base with the adapter unmerged (finetune-kit api ... --adapter_name_or_path ...)"
+            )
 
     def _merged_folder(self) -> Path | None:
         """A folder already holding a plain merged model (an export, or a local model without adapters)."""

@@ -236,8 +236,13 @@ def modelfile(
         f"# Ollama Modelfile written by finetune_kit (chat template {template.name!r}).",
         f"# Make the model with: ollama create NAME -f {MODELFILE_NAME}",
         "FROM " + _quote(source, "gguf_file", forms=("bare", "double")),
-        "TEMPLATE " + _quote(go_template(template, tokenizer, runtime_adds_bos=runtime_adds_bos), "template"),
     ]
+    if template.is_native:  # no slots to write Go from: Ollama picks a template from the GGUF's own
+        lines.append("# No TEMPLATE: the model's own chat template is in the GGUF file (tokenizer.chat_template)")
+    else:
+        lines.append(
+            "TEMPLATE " + _quote(go_template(template, tokenizer, runtime_adds_bos=runtime_adds_bos), "template")
+        )
     if template.default_system:
         lines.append("SYSTEM " + _quote(template.default_system, "system"))
     stops = stop_strings(template, tokenizer) + [line for key, line in extra if key == "stop"]

@@ -106,3 +106,18 @@ def test_export_needs_a_directory(tiny_llama, tmp_path):
     result = trained(tiny_llama, tmp_path)
     with pytest.raises(ConfigError, match="export_dir is required"):
         Exporter(result).merge()
+
+
+def test_a_gptq_base_is_refused_before_loading_with_what_to_do(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from finetune_kit import ConfigError, ModelSource
+
+    base = tmp_path / "gptq-base"
+    shutil.copytree(tiny_llama_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"GPTQ-quantized.*merge into the 16-bit model"):
+        Exporter(ModelSource.local(base).with_config(adapter_name_or_path=("saves/x",))).merge(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

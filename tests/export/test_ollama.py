@@ -327,3 +327,10 @@ def test_ollama_create_failure_says_what_ollama_said(tmp_path, monkeypatch):
     assert "ollama create my-model -f" in str(err.value)
     with pytest.raises(ConfigError, match="export_ollama"):
         ollama_create("bad name", path)
+
+
+def test_a_model_with_its_own_chat_template_gets_no_template_line(base_tokenizer):
+    native = get_template(None, base_tokenizer)
+    text = modelfile("m-f16.gguf", native, base_tokenizer, num_ctx=2048)
+    assert "TEMPLATE" not in text.replace("# No TEMPLATE", "")
+    assert f'PARAMETER stop "{base_tokenizer.eos_token}"' in text and "PARAMETER num_ctx 2048" in text
