@@ -63,27 +63,27 @@ def main() -> None:
         gguf = Exporter(model).to_gguf(work / "model", args.types.split(","), probes=probes)
         total_s = time.perf_counter() - start
         data = json.loads((gguf.folder / "parity.json").read_text())
+        rows: list[dict[str, Any]] = []
+        for f in gguf.files:
+            report = data["files"][f.path.name]
+            rows.append(
+                {
+                    "outtype": f.outtype,
+                    "size_mb": round(f.size_mb, 1),
+                    "write_s": round(f.seconds, 1),
+                    "identical": report["identical"],
+                    "near_ties": report["near_ties"],
+                    "different": report["different"],
+                    "total": report["total"],
+                    "rate": report["rate"],
+                    "chat_stops": report["chat_stops"],
+                    "template_identical": report["template_identical"],
+                    "passed": report["passed"],
+                    "check_s": report["seconds"],
+                }
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rows: list[dict[str, Any]] = []
-    for f in gguf.files:
-        report = data["files"][f.path.name]
-        rows.append(
-            {
-                "outtype": f.outtype,
-                "size_mb": round(f.size_mb, 1),
-                "write_s": round(f.seconds, 1),
-                "identical": report["identical"],
-                "near_ties": report["near_ties"],
-                "different": report["different"],
-                "total": report["total"],
-                "rate": report["rate"],
-                "chat_stops": report["chat_stops"],
-                "template_identical": report["template_identical"],
-                "passed": report["passed"],
-                "check_s": report["seconds"],
-            }
-        )
     result = {
         "benchmark": "gguf_export",
         "model": "bundled:smollm2-135m-instruct" + (f" + LoRA {Path(args.adapter).name}" if args.adapter else ""),

@@ -265,21 +265,27 @@ def _template_identical(llm: Any, reference: Reference) -> bool:
 
 
 def _chat_check(llm: Any, reference: Reference) -> tuple[bool, bool]:
-    """A chat completion (llama.cpp's embedded template and stop tokens) on the first probe whose transformers
-    reply ended by itself: does it stop too, and with the same text?"""
-    for probe in reference.probes:
-        if probe.finish_reason != "stop":
-            continue
+    """Chat completions through llama.cpp (its embedded template and stop tokens) on up to three probes whose
+    transformers reply ended by itself, with room to spare (4x the tokens): does a reply end at the end-of-turn
+    token, with no stop token leaking into the text? And is the first one the transformers reply?"""
+    ended = [p for p in reference.probes if p.finish_reason == "stop"][:3]
+    stop_texts = [llm._model.token_get_text(i) for i in reference.stop_ids]
+    stopped, leaked, first_same = [], False, False
+    for i, probe in enumerate(ended):
         llm.reset()
         with quiet_llama():
             out = llm.create_chat_completion(
                 messages=[{"role": "user", "content": probe.prompt}],
-                max_tokens=reference.max_new_tokens,
+                max_tokens=4 * reference.max_new_tokens,
                 temperature=0.0,
             )
         choice = out["choices"][0]
-        return choice["finish_reason"] == "stop", (choice["message"]["content"] or "") == probe.text
-    return False, False  # no probe ended within max_new_tokens: stopping was not shown
+        content = choice["message"]["content"] or ""
+        stopped.append(choice["finish_reason"] == "stop")
+        leaked = leaked or any(t and t in content for t in stop_texts)
+        if i == 0:
+            first_same = content == probe.text
+    return any(stopped) and not leaked, first_same  # no probe ended by itself: stopping was not shown
 
 
 def write_parity(folder: Path, reports: Sequence[ParityReport], reference: Reference) -> Path:

@@ -37,6 +37,7 @@ from finetune_kit.errors import RequestError, TemplateError
 from finetune_kit.models.engine import Completion, Engine
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.serve.config import ServeConfig
+from finetune_kit.serve.ollama_api import install_ollama_routes
 from finetune_kit.serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -159,6 +160,7 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
             ChatCompletion(id=rid, created=created, model=name, choices=choices, usage=usage).model_dump()
         )
 
+    install_ollama_routes(app, engine=engine, name=name, slots=slots, generation=generation, config=config)
     app.include_router(router)
     return app
 

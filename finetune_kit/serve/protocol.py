@@ -257,3 +257,74 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ----- Ollama native API (/api/*): request bodies ----------------------------------------------------
+# Field names follow ollama/ollama api/types.go (GenerateRequest, ChatRequest, Message, ShowRequest,
+# Options). Like Go's decoder, unknown fields are ignored; like Options.FromMap, unknown option names are.
+class OllamaOptions(BaseModel):
+    """The ``options`` map: the ones a GenerationConfig can honour; ``seed`` and ``num_ctx`` are read and unused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    num_predict: int | None = None
+    repeat_penalty: float | None = Field(None, gt=0)
+    stop: list[str] | None = None
+    seed: int | None = None
+    num_ctx: int | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[Any] | None = None
+
+
+class OllamaRequest(BaseModel):
+    """What ``/api/chat`` and ``/api/generate`` share; ``stream`` absent or null means true."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    stream: bool | None = None
+    format: str | dict[str, Any] | None = None
+    options: OllamaOptions | None = None
+    keep_alive: float | str | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+
+
+class OllamaChatRequest(OllamaRequest):
+    messages: list[OllamaMessage] | None = None
+    tools: list[Any] | None = None
+
+
+class OllamaGenerateRequest(OllamaRequest):
+    prompt: str = ""
+    system: str = ""
+    template: str = ""
+    suffix: str = ""
+    raw: bool = False
+    context: list[int] | None = None
+    images: list[str] | None = None
+
+
+class OllamaShowRequest(BaseModel):
+    """``/api/show``: ``model``, or ``name`` as older clients send it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    name: str = ""
+    verbose: bool = False

@@ -1,0 +1,367 @@
+"""Ollama's native API (``/api/chat``, ``/api/generate``, ``/api/tags``, ...) over the served engine.
+
+Clients written for Ollama (the ``ollama`` Python and JS libraries, open-webui) work against a
+:class:`~finetune_kit.serve.server.Server` unchanged, pointed at its root URL. Generation shares
+the OpenAI routes' slots, so ``max_concurrent`` bounds both APIs together, and ``api_key``
+protects ``/api/*`` as it protects ``/v1``. Shapes, defaults and error texts follow Ollama's
+``server/routes.go`` and ``api/types.go``: NDJSON streaming unless ``stream`` is false, a last
+object with ``done: true``, ``done_reason`` and nanosecond durations, and every error as
+``{"error": "..."}``.
+
+What the engine cannot do is refused with a 400 saying so, never dropped: ``raw`` prompts (the
+engine always applies its chat template), ``suffix``, a Go ``template``, ``context``, images,
+tools, ``think: true``, ``logprobs`` and a JSON-schema ``format``. ``format: "json"`` is checked,
+not enforced: a reply that is not JSON ends with an error. ``keep_alive`` is read and has no
+effect, since the server holds its one model for its whole life (an unload request is answered
+as Ollama answers it, and ``/api/ps`` keeps listing the model). ``options.seed`` is ignored:
+:class:`GenerationConfig` has no seed.
+"""
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from finetune_kit.data.messages import Message
+from finetune_kit.errors import RequestError, TemplateError
+from finetune_kit.models.engine import Completion, Engine
+from finetune_kit.models.generation import GenerationConfig
+from finetune_kit.serve import ollama_wire as wire
+from finetune_kit.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from finetune_kit.serve.protocol import OllamaRequest
+
+OLLAMA_VERSION = "0.9.0"
+"""What ``/api/version`` reports: the first Ollama whose API has every request field served here
+(``think`` came in 0.9.0), so clients that check a version before sending a field find it."""
+
+logger = logging.getLogger("finetune_kit.serve")
+Kind = Literal["chat", "generate"]
+_END = object()
+_PATHS = ("/api/chat", "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version")
+
+
+class SlotRunner(Protocol):
+    """The app's generation slots: ``start`` runs ``fn`` in a worker thread once a slot is free."""
+
+    async def start(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]": ...
+
+
+def install_ollama_routes(
+    app: Any, *, engine: Engine, name: str, slots: SlotRunner, generation: GenerationConfig, config: ServeConfig
+) -> None:
+    """Add Ollama's routes to ``app`` (a FastAPI app), serving ``engine`` as ``<name>:latest``."""
+    # no `from __future__ import annotations` here: FastAPI reads `request: Request` below as a real class
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from pydantic import ValidationError
+
+    from finetune_kit.serve import protocol
+
+    facts = wire.describe_model(engine, name)
+    check_key = _key_check(config.api_key)
+
+    def error(exc: RequestError) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    Handler = Callable[[Request], Awaitable[Response]]
+
+    def route(path: str, methods: list[str]) -> Callable[[Handler], Handler]:
+        def add(handler: Handler) -> Handler:
+            async def endpoint(request: Request) -> Response:
+                try:
+                    check_key(request)
+                    return await handler(request)
+                except RequestError as exc:
+                    if exc.status < 500:
+                        logger.info("%d %s %s: %s", exc.status, request.method, request.url.path, exc.message)
+                    return error(exc)
+                except Exception as exc:
+                    logger.exception("500 %s %s", request.method, request.url.path)
+                    return error(RequestError(f"{type(exc).__name__}: {exc}", status=500))
+
+            app.add_api_route(path, endpoint, methods=methods, include_in_schema=False)
+            return handler
+
+        return add
+
+    async def parse(request: Request, model: type[Any]) -> Any:
+        raw = await request.body()
+        if not raw.strip():
+            raise RequestError("missing request body")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise RequestError(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RequestError(f"the request body must be a JSON object; got a JSON {type(data).__name__}")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise protocol.describe_validation_errors(exc.errors()) from None
+
+    def find(requested: str) -> None:
+        if not requested:
+            raise RequestError("model is required")
+        if requested.casefold() not in facts.aliases:
+            raise RequestError(f"model '{requested}' not found", status=404)
+
+    async def respond(kind: Kind, body: "OllamaRequest", messages: list[Message], started: int) -> Response:
+        json_wanted = wire.wants_json(body.format)
+        try:
+            prompt = engine.encode_prompt(messages)
+        except TemplateError as exc:
+            raise RequestError(str(exc)) from exc
+        gen, stop = wire.generation_options(body.options, generation, len(prompt), engine.context_length)
+        clock = _Clock(started)
+        pieces = _pieces(engine, messages, gen, stop, slots, clock)
+        out = _Objects(kind, body.model)
+
+        def finish(final: Completion, text: str) -> dict[str, Any]:
+            if json_wanted and (problem := wire.json_problem(text)):
+                raise RequestError(problem, status=500)
+            if config.api_verbose:
+                logger.info(
+                    "ollama /api/%s model=%s stream=%s -> %s, %d+%d tokens, %.2fs",
+                    *(kind, body.model, body.stream is not False, final.finish_reason),
+                    *(final.prompt_tokens, final.completion_tokens, (time.perf_counter_ns() - started) / 1e9),
+                )
+            return out.final(final, clock, text if body.stream is False else "")
+
+        if body.stream is False:
+            text, final = await _collect(pieces)
+            return JSONResponse(finish(final, text))
+
+        async def lines() -> AsyncIterator[str]:
+            text, final = "", None
+            try:
+                async with aclosing(pieces):
+                    async for item in pieces:
+                        if isinstance(item, str):
+                            text += item
+                            yield _line(out.piece(item))
+                        else:
+                            final = item
+                assert final is not None  # _pieces ends with a Completion or raises
+                yield _line(finish(final, text))
+            except Exception as exc:  # the status line is sent already: Ollama ends the stream with an error line
+                message = exc.message if isinstance(exc, RequestError) else f"{type(exc).__name__}: {exc}"
+                logger.info("ollama /api/%s stream ended with an error: %s", kind, message)
+                yield _line({"error": message})
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @route("/api/chat", ["POST"])
+    async def chat(request: Request) -> Response:
+        started = time.perf_counter_ns()
+        body = await parse(request, protocol.OllamaChatRequest)
+        find(body.model)
+        wire.refuse_unsupported(body)
+        if body.tools:
+            raise RequestError(f"{body.model} does not support tools")
+        if not body.messages:  # Ollama loads (or unloads) the model and answers at once
+            return JSONResponse(_Objects("chat", body.model).loaded(wire.unloads(body.keep_alive)))
+        return await respond("chat", body, wire.conversation(body.messages), started)
+
+    @route("/api/generate", ["POST"])
+    async def generate(request: Request) -> Response:
+        started = time.perf_counter_ns()
+        body = await parse(request, protocol.OllamaGenerateRequest)
+        find(body.model)
+        wire.refuse_unsupported(body)
+        if not body.prompt and not body.suffix:
+            return JSONResponse(_Objects("generate", body.model).loaded(wire.unloads(body.keep_alive)))
+        if body.raw:
+            raise RequestError(
+                "raw: this server cannot send a prompt without the chat template (its engine always applies "
+                "the template). Fix: send raw=false, or send the conversation to /api/chat"
+            )
+        if body.suffix:
+            raise RequestError(f'"{body.model}" does not support insert (suffix)')
+        if body.template:
+            raise RequestError("template: this server cannot run a Go template; leave it out to use the model's own")
+        if body.context:
+            raise RequestError("context: this server takes no token context back; send the conversation to /api/chat")
+        if body.images:
+            raise RequestError(f"images: {body.model} is a text-only model")
+        system = [{"role": "system", "content": body.system}] if body.system else []
+        return await respond("generate", body, [*system, {"role": "user", "content": body.prompt}], started)
+
+    @route("/api/tags", ["GET", "HEAD"])
+    async def tags(request: Request) -> Response:
+        return JSONResponse({"models": [facts.listing()]})
+
+    @route("/api/ps", ["GET"])
+    async def ps(request: Request) -> Response:
+        expires = wire.timestamp(datetime.now(timezone.utc) + wire.FOREVER)
+        model = {**facts.listing(), "expires_at": expires, "size_vram": facts.size if facts.on_gpu else 0}
+        if engine.context_length:
+            model["context_length"] = engine.context_length
+        return JSONResponse({"models": [model]})
+
+    @route("/api/show", ["POST"])
+    async def show(request: Request) -> Response:
+        body = await parse(request, protocol.OllamaShowRequest)
+        find(body.model or body.name)
+        return JSONResponse(facts.show(generation, engine.context_length))
+
+    @route("/api/version", ["GET", "HEAD"])
+    async def version(request: Request) -> Response:
+        return JSONResponse({"version": OLLAMA_VERSION})
+
+    @route("/api/{rest:path}", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+    async def unknown(request: Request) -> Response:
+        path = request.url.path.rstrip("/")
+        if path in _PATHS:
+            raise RequestError(f"method {request.method} is not allowed for {path}", status=405)
+        offered = ", ".join(_PATHS)
+        raise RequestError(f"404 page not found: {path} is not served here (this server offers {offered})", status=404)
+
+    async def running(request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    app.add_api_route("/", running, methods=["GET", "HEAD"], include_in_schema=False)
+
+
+def _key_check(key: str | None) -> Callable[[Any], None]:
+    """A Bearer-key check compared in constant time, as the /v1 routes do."""
+    if not key:
+        return lambda request: None
+    expected = hashlib.sha256(key.encode()).digest()
+
+    def check(request: Any) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode()).digest()
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given, expected):
+            raise RequestError("unauthorized: send the server's API key as 'Authorization: Bearer <key>'", status=401)
+
+    return check
+
+
+@dataclass
+class _Clock:
+    """When a request arrived, got its slot, saw its first text piece and got its Completion (ns)."""
+
+    arrived: int
+    began: int = 0
+    first: int = 0
+    ended: int = 0
+
+
+async def _pieces(
+    engine: Engine,
+    messages: list[Message],
+    gen: GenerationConfig,
+    stop: list[str],
+    slots: SlotRunner,
+    clock: _Clock,
+) -> AsyncGenerator[str | Completion, None]:
+    """Text pieces as the engine makes them in a slot's worker thread, then the Completion."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    abandoned = threading.Event()
+
+    def put(item: Any) -> None:
+        if not abandoned.is_set():
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def produce() -> None:
+        clock.began = time.perf_counter_ns()
+        item: Any = None
+        try:
+            # runs to the end even when the client has gone: an Engine's stream cannot be cancelled,
+            # and the slot stays taken until it ends, so generations never overlap
+            for item in engine.stream(messages, gen, stop=stop):
+                if isinstance(item, str) and not clock.first:
+                    clock.first = time.perf_counter_ns()
+                elif isinstance(item, Completion):
+                    clock.ended = time.perf_counter_ns()
+                put(item)
+            if not isinstance(item, Completion):
+                raise TypeError(
+                    f"{type(engine).__name__}.stream() ended without a Completion; an Engine's stream yields "
+                    "text pieces, then one Completion"
+                )
+        except BaseException as exc:
+            put(exc)
+        finally:
+            put(_END)
+
+    try:
+        await slots.start(produce)
+        sent, final = "", None
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise RequestError(f"generation failed: {type(item).__name__}: {item}", status=500) from item
+            if isinstance(item, str):
+                if item:
+                    sent += item
+                    yield item
+            else:
+                final = item
+        assert final is not None  # produce() sends an error rather than end without a Completion
+        if len(final.text) > len(sent) and final.text.startswith(sent):  # text the engine held back
+            yield final.text[len(sent) :]
+        yield final
+    finally:
+        abandoned.set()
+
+
+async def _collect(pieces: AsyncIterator[str | Completion]) -> tuple[str, Completion]:
+    text, final = "", None
+    async for item in pieces:
+        if isinstance(item, str):
+            text += item
+        else:
+            final = item
+    assert final is not None
+    return text, final
+
+
+@dataclass(frozen=True)
+class _Objects:
+    """The JSON objects of one response: ``message`` for /api/chat, ``response`` for /api/generate."""
+
+    kind: Kind
+    model: str
+
+    def _base(self, text: str, done: bool) -> dict[str, Any]:
+        content = {"message": {"role": "assistant", "content": text}} if self.kind == "chat" else {"response": text}
+        return {"model": self.model, "created_at": wire.timestamp(datetime.now(timezone.utc)), **content, "done": done}
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return self._base(text, False)
+
+    def loaded(self, unload: bool) -> dict[str, Any]:
+        return {**self._base("", True), "done_reason": "unload" if unload else "load"}
+
+    def final(self, done: Completion, clock: _Clock, text: str) -> dict[str, Any]:
+        now = time.perf_counter_ns()
+        first = clock.first or clock.ended
+        metrics = {
+            "total_duration": now - clock.arrived,
+            "load_duration": clock.began - clock.arrived,  # parsing and waiting for a slot: our "load"
+            "prompt_eval_count": done.prompt_tokens,
+            "prompt_eval_duration": first - clock.began,  # until the first text piece
+            "eval_count": done.completion_tokens,
+            "eval_duration": clock.ended - first,
+        }
+        kept = {k: v for k, v in metrics.items() if v > 0}  # Go's omitempty
+        return {**self._base(text, True), "done_reason": done.finish_reason, **kept}
+
+
+def _line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
