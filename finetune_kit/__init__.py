@@ -51,6 +51,7 @@ _EXPORTS = {
     "Exporter": "finetune_kit.export.exporter",
     "ExportConfig": "finetune_kit.export.config",
     "ExportedModel": "finetune_kit.export.result",
+    "GgufExport": "finetune_kit.export.result",
     "Server": "finetune_kit.serve.server",
     "ServerHandle": "finetune_kit.serve.server",
     "ServeConfig": "finetune_kit.serve.config",
