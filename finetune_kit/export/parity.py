@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit._deps import require
+from finetune_kit._fs import write_json
 from finetune_kit.export.gguf import quiet_llama
 
 if TYPE_CHECKING:
@@ -306,7 +307,5 @@ def write_parity(folder: Path, reports: Sequence[ParityReport], reference: Refer
         "near_tie_logits": NEAR_TIE,
         "files": files,
     }
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_json(path, data)
     return path

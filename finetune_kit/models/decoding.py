@@ -1,6 +1,7 @@
 """Hugging Face decoding for a :class:`LoadedModel`: batched generation, streaming and stop strings.
 
-This is the engine behind ``LoadedModel.generate/stream/chat``; another backend replaces this
+This is the engine behind ``LoadedModel.generate/stream/chat`` and, on raw text without the chat
+template, ``LoadedModel.complete/stream_text``; another backend replaces this
 module's role by satisfying :class:`finetune_kit.models.engine.Engine`.
 """
 
@@ -35,10 +36,21 @@ def generate(
     stop: Sequence[str],
 ) -> list[Completion]:
     """Replies for many conversations, in left-padded batches of ``batch_size``."""
+    return generate_ids(lm, [lm.encode_prompt(c) for c in conversations], gen, batch_size=batch_size, stop=stop)
+
+
+def generate_ids(
+    lm: LoadedModel,
+    prompts: Sequence[list[int]],
+    gen: GenerationConfig,
+    *,
+    batch_size: int,
+    stop: Sequence[str],
+) -> list[Completion]:
+    """Continuations of many prompts given as token ids (a chat prompt or raw text), in left-padded batches."""
     import torch
 
     results: list[Completion] = []
-    prompts = [lm.encode_prompt(c) for c in conversations]
     pad_id = pad_token_id(lm)
     model, device = lm.model, lm.device
     model.eval()
@@ -69,10 +81,16 @@ def stream(
     A tail that could be the start of a stop string (or half of a multi-byte character) is held
     back until the next piece shows what it is, so no stop string ever reaches the caller.
     """
+    yield from stream_ids(lm, lm.encode_prompt(messages), gen, stop=stop)
+
+
+def stream_ids(
+    lm: LoadedModel, prompt: list[int], gen: GenerationConfig, *, stop: Sequence[str]
+) -> Iterator[str | Completion]:
+    """:func:`stream` for a prompt given as token ids (a chat prompt or raw text)."""
     import torch
     from transformers import TextIteratorStreamer
 
-    prompt = lm.encode_prompt(messages)
     streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=gen.skip_special_tokens)
     holder: dict[str, Any] = {}
     ids = torch.tensor([prompt], device=lm.device)

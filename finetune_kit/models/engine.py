@@ -67,3 +67,47 @@ class Engine(Protocol):
         system: str | None = None,
         stop: Sequence[str] = (),
     ) -> Iterator[str | Completion]: ...
+
+
+@runtime_checkable
+class TextCompletionEngine(Protocol):
+    """What an :class:`Engine` adds to continue raw text (no chat template): ``/v1/completions``.
+
+    ``encode_text`` gives the token ids of a raw prompt (what ``complete`` and ``stream_text``
+    feed the model), so a server can count and check them first. Optional: a server answers
+    ``/v1/completions`` with a 400 for an engine without it.
+    """
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        generation: GenerationConfig | None = None,
+        *,
+        batch_size: int = 8,
+        stop: Sequence[str] = (),
+    ) -> list[Completion]: ...
+
+    def stream_text(
+        self, prompt: str, generation: GenerationConfig | None = None, *, stop: Sequence[str] = ()
+    ) -> Iterator[str | Completion]: ...
+
+
+@runtime_checkable
+class EmbeddingEngine(Protocol):
+    """What an :class:`Engine` adds to embed text: ``/v1/embeddings``, Ollama's ``/api/embed``.
+
+    ``embed`` returns one vector of ``embedding_size`` floats per text, L2-normalized unless
+    ``normalize`` is false, from at most ``max_tokens`` tokens of each text (all when None).
+    Optional, like :class:`TextCompletionEngine`.
+    """
+
+    @property
+    def embedding_size(self) -> int: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def embed(
+        self, texts: Sequence[str], *, batch_size: int = 8, normalize: bool = True, max_tokens: int | None = None
+    ) -> list[list[float]]: ...

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit.data.template import ChatTemplate, Message
-from finetune_kit.models import decoding
+from finetune_kit.models import decoding, embedding
 from finetune_kit.models.adapters import add_adapter
 from finetune_kit.models.bundled import BUNDLED_PREFIX
 from finetune_kit.models.engine import Completion, FinishReason
@@ -90,6 +90,11 @@ class LoadedModel:
         """
         return 8
 
+    @property
+    def embedding_size(self) -> int:
+        """How many floats :meth:`embed` returns per text (the width of the token embeddings)."""
+        return int(self.model.get_input_embeddings().weight.shape[-1])
+
     def with_adapter(self, path: str | os.PathLike[str]) -> LoadedModel:
         """A new LoadedModel with the LoRA adapter at ``path`` applied on top (not merged).
 
@@ -163,3 +168,65 @@ class LoadedModel:
         """Yield text pieces as they are generated, then one final :class:`Completion`."""
         gen = resolve_generation(generation, overrides)
         return decoding.stream(self, decoding.as_messages(messages, system), gen, stop=stop)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of raw ``text`` as the tokenizer makes them (with its BOS token, if it adds one), no template."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def complete(
+        self,
+        prompts: str | Sequence[str],
+        generation: GenerationConfig | None = None,
+        *,
+        batch_size: int = 8,
+        stop: Sequence[str] = (),
+        **overrides: Unpack[GenerationOverrides],
+    ) -> list[Completion]:
+        """Continue raw text prompts, without the chat template: what ``/v1/completions`` serves.
+
+        Each prompt is tokenized by :meth:`encode_text` and continued as ``model.generate`` would
+        continue those ids; ``Completion.text`` holds only the new text. Example::
+
+            model.complete("The capital of France is", max_new_tokens=5)[0].text
+        """
+        gen = resolve_generation(generation, overrides)
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return decoding.generate_ids(self, self._raw_ids(texts), gen, batch_size=batch_size, stop=stop)
+
+    def stream_text(
+        self,
+        prompt: str,
+        generation: GenerationConfig | None = None,
+        *,
+        stop: Sequence[str] = (),
+        **overrides: Unpack[GenerationOverrides],
+    ) -> Iterator[str | Completion]:
+        """:meth:`complete` for one prompt, yielding text pieces as they come, then one :class:`Completion`."""
+        gen = resolve_generation(generation, overrides)
+        return decoding.stream_ids(self, self._raw_ids([prompt])[0], gen, stop=stop)
+
+    def embed(
+        self, texts: str | Sequence[str], *, batch_size: int = 8, normalize: bool = True, max_tokens: int | None = None
+    ) -> list[list[float]]:
+        """One embedding per text: the mean of the last hidden state over its tokens, L2-normalized.
+
+        Texts are tokenized by :meth:`encode_text`; ``max_tokens`` keeps only the first tokens of a
+        longer text. Batching does not change a vector (padding is on the right). Example::
+
+            a, b = model.embed(["where is my parcel?", "has my order shipped?"])
+            similarity = sum(x * y for x, y in zip(a, b))
+        """
+        ids = [self.encode_text(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        if max_tokens is not None:
+            ids = [p[:max_tokens] for p in ids]
+        return embedding.embed_ids(self, ids, batch_size=batch_size, normalize=normalize)
+
+    def _raw_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        ids = [self.encode_text(t) for t in texts]
+        for i, p in enumerate(ids):
+            if not p:
+                raise ValueError(
+                    f"prompt {i} ({texts[i]!r}) has no tokens (this tokenizer adds no BOS token); "
+                    "a raw prompt needs at least one token"
+                )
+        return ids

@@ -38,6 +38,7 @@ from finetune_kit.models.engine import Completion, Engine
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.serve.config import ServeConfig
 from finetune_kit.serve.ollama_api import install_ollama_routes
+from finetune_kit.serve.openai_extra import install_openai_extra_routes
 from finetune_kit.serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -51,6 +52,7 @@ from finetune_kit.serve.protocol import (
     Usage,
     describe_validation_errors,
 )
+from finetune_kit.serve.webchat import install_webchat_routes
 
 logger = logging.getLogger("finetune_kit.serve")
 _END = object()
@@ -160,7 +162,9 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
             ChatCompletion(id=rid, created=created, model=name, choices=choices, usage=usage).model_dump()
         )
 
+    install_openai_extra_routes(router, engine=engine, name=name, slots=slots, generation=generation, config=config)
     install_ollama_routes(app, engine=engine, name=name, slots=slots, generation=generation, config=config)
+    install_webchat_routes(app)
     app.include_router(router)
     return app
 

@@ -35,7 +35,9 @@ from finetune_kit.errors import RequestError, TemplateError
 from finetune_kit.models.engine import Completion, Engine
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.serve import ollama_wire as wire
+from finetune_kit.serve import webchat
 from finetune_kit.serve.config import ServeConfig
+from finetune_kit.serve.ollama_embed import install_ollama_embed_routes
 
 if TYPE_CHECKING:
     from finetune_kit.serve.protocol import OllamaRequest
@@ -47,7 +49,16 @@ OLLAMA_VERSION = "0.9.0"
 logger = logging.getLogger("finetune_kit.serve")
 Kind = Literal["chat", "generate"]
 _END = object()
-_PATHS = ("/api/chat", "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version")
+_PATHS = (
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/tags",
+    "/api/ps",
+    "/api/show",
+    "/api/version",
+)
 
 
 class SlotRunner(Protocol):
@@ -219,6 +230,8 @@ def install_ollama_routes(
     async def version(request: Request) -> Response:
         return JSONResponse({"version": OLLAMA_VERSION})
 
+    install_ollama_embed_routes(route, parse, find, engine=engine, slots=slots)
+
     @route("/api/{rest:path}", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
     async def unknown(request: Request) -> Response:
         path = request.url.path.rstrip("/")
@@ -228,7 +241,10 @@ def install_ollama_routes(
         raise RequestError(f"404 page not found: {path} is not served here (this server offers {offered})", status=404)
 
     async def running(request: Request) -> Response:
-        return PlainTextResponse("Ollama is running")
+        # a browser asks for HTML and gets the chat page; Ollama clients probe without asking for it
+        if request.method == "GET" and webchat.prefers_html(request.headers.get("accept")):
+            return webchat.page_response()
+        return PlainTextResponse("Ollama is running", headers={"Vary": "Accept"})
 
     app.add_api_route("/", running, methods=["GET", "HEAD"], include_in_schema=False)
 

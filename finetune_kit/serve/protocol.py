@@ -328,3 +328,27 @@ class OllamaShowRequest(BaseModel):
     model: str = ""
     name: str = ""
     verbose: bool = False
+
+
+class OllamaEmbedRequest(BaseModel):
+    """``/api/embed``: ``input`` a string or a list; ``truncate`` absent means true."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    input: str | list[str] | None = None
+    truncate: bool | None = None
+    dimensions: int | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: float | str | None = None
+
+
+class OllamaEmbeddingsRequest(BaseModel):
+    """The legacy ``/api/embeddings``: one ``prompt``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    prompt: str = ""
+    options: dict[str, Any] | None = None
+    keep_alive: float | str | None = None
