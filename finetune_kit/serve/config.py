@@ -39,7 +39,9 @@ class ServeConfig(StageConfig):
 
     api_host: str = _env_option("API_HOST", "0.0.0.0", "Interface to listen on; 0.0.0.0 means every interface.")
     api_port: int = _env_option("API_PORT", 8000, "TCP port; 0 picks a free one.")
-    api_key: str | None = _env_option("API_KEY", None, "When set, every /v1 route needs 'Authorization: Bearer <key>'.")
+    api_key: str | None = _env_option(
+        "API_KEY", None, "When set, every /v1 and /api route needs 'Authorization: Bearer <key>'."
+    )
     api_model_name: str | None = _env_option(
         "API_MODEL_NAME", None, "Model id shown by /v1/models; none derives it from the model or adapter folder."
     )
