@@ -21,7 +21,8 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from typing import Any
 
 # This module is the serve extra's code, imported only by Server once the extra is checked, and
@@ -52,10 +53,10 @@ from finetune_kit.serve.protocol import (
     Usage,
     describe_validation_errors,
 )
+from finetune_kit.serve.pump import in_slot
 from finetune_kit.serve.webchat import install_webchat_routes
 
 logger = logging.getLogger("finetune_kit.serve")
-_END = object()
 
 
 def concurrency(engine: Engine, config: ServeConfig) -> int:
@@ -187,61 +188,42 @@ async def _stream(
         return {"data": chunk.model_dump_json(exclude=skip)}
 
     yield event(ChunkChoice(delta=Delta(role="assistant", content="")))
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    abandoned = threading.Event()
 
-    def put(item: Any) -> None:
-        if not abandoned.is_set():
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+    def produce(abandoned: threading.Event) -> Iterator[str | Completion]:
+        item: Any = None
+        for item in engine.stream(messages, gen, stop=stop):  # runs to the end even if abandoned
+            yield item
+        if item is None or isinstance(item, str):
+            raise TypeError(
+                f"{type(engine).__name__}.stream() ended without a Completion; an Engine's "
+                "stream yields text pieces, then one Completion"
+            )
 
-    def produce() -> None:
-        try:
-            item: Any = None
-            for item in engine.stream(messages, gen, stop=stop):  # runs to the end even if abandoned
-                put(item)
-            if item is None or isinstance(item, str):
-                raise TypeError(
-                    f"{type(engine).__name__}.stream() ended without a Completion; an Engine's "
-                    "stream yields text pieces, then one Completion"
-                )
-        except BaseException as exc:
-            put(exc)
-        finally:
-            put(_END)
-
+    sent, final = "", None
     try:
-        await slots.start(produce)
-        sent, final = "", None  # produce() sends an error rather than end without a Completion
-        while (item := await queue.get()) is not _END:
-            if isinstance(item, BaseException):
-                logger.exception("generation failed mid-stream", exc_info=item)
-                error = RequestError(
-                    f"generation failed: {type(item).__name__}: {item}", status=500, type="server_error"
-                )
-                yield {"data": json.dumps(error.body())}
-                yield {"data": "[DONE]"}
-                log("error mid-stream", None)
-                return
-            if isinstance(item, str):
-                sent += item
-                yield event(ChunkChoice(delta=Delta(content=item)))
-            else:
-                final = item
-        assert final is not None
-        if len(final.text) > len(sent) and final.text.startswith(sent):  # text the streamer held back
-            yield event(ChunkChoice(delta=Delta(content=final.text[len(sent) :])))
-        yield event(ChunkChoice(delta=Delta(), finish_reason=final.finish_reason))
-        usage = Usage.of([final])
-        if include_usage:
-            yield event(None, usage)
+        async with aclosing(in_slot(slots, produce)) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    sent += item
+                    yield event(ChunkChoice(delta=Delta(content=item)))
+                else:
+                    final = item
+    except Exception as exc:
+        logger.exception("generation failed mid-stream", exc_info=exc)
+        error = RequestError(f"generation failed: {type(exc).__name__}: {exc}", status=500, type="server_error")
+        yield {"data": json.dumps(error.body())}
         yield {"data": "[DONE]"}
-        log(f"200 {final.finish_reason}", usage)
-    finally:
-        abandoned.set()
+        log("error mid-stream", None)
+        return
+    assert final is not None  # produce() raises rather than end without a Completion
+    if len(final.text) > len(sent) and final.text.startswith(sent):  # text the streamer held back
+        yield event(ChunkChoice(delta=Delta(content=final.text[len(sent) :])))
+    yield event(ChunkChoice(delta=Delta(), finish_reason=final.finish_reason))
+    usage = Usage.of([final])
+    if include_usage:
+        yield event(None, usage)
+    yield {"data": "[DONE]"}
+    log(f"200 {final.finish_reason}", usage)
 
 
 class _Slots:

@@ -17,18 +17,17 @@ as Ollama answers it, and ``/api/ps`` keeps listing the model). ``options.seed``
 :class:`GenerationConfig` has no seed.
 """
 
-import asyncio
 import hashlib
 import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from finetune_kit.data.messages import Message
 from finetune_kit.errors import RequestError, TemplateError
@@ -38,6 +37,7 @@ from finetune_kit.serve import ollama_wire as wire
 from finetune_kit.serve import webchat
 from finetune_kit.serve.config import ServeConfig
 from finetune_kit.serve.ollama_embed import install_ollama_embed_routes
+from finetune_kit.serve.pump import SlotRunner, in_slot
 
 if TYPE_CHECKING:
     from finetune_kit.serve.protocol import OllamaRequest
@@ -48,7 +48,6 @@ OLLAMA_VERSION = "0.9.0"
 
 logger = logging.getLogger("finetune_kit.serve")
 Kind = Literal["chat", "generate"]
-_END = object()
 _PATHS = (
     "/api/chat",
     "/api/generate",
@@ -59,12 +58,6 @@ _PATHS = (
     "/api/show",
     "/api/version",
 )
-
-
-class SlotRunner(Protocol):
-    """The app's generation slots: ``start`` runs ``fn`` in a worker thread once a slot is free."""
-
-    async def start(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]": ...
 
 
 def install_ollama_routes(
@@ -283,57 +276,42 @@ async def _pieces(
     clock: _Clock,
 ) -> AsyncGenerator[str | Completion, None]:
     """Text pieces as the engine makes them in a slot's worker thread, then the Completion."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    abandoned = threading.Event()
 
-    def put(item: Any) -> None:
-        if not abandoned.is_set():
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-    def produce() -> None:
+    def produce(abandoned: threading.Event) -> Iterator[str | Completion]:
         clock.began = time.perf_counter_ns()
         item: Any = None
-        try:
-            # runs to the end even when the client has gone: an Engine's stream cannot be cancelled,
-            # and the slot stays taken until it ends, so generations never overlap
-            for item in engine.stream(messages, gen, stop=stop):
-                if isinstance(item, str) and not clock.first:
-                    clock.first = time.perf_counter_ns()
-                elif isinstance(item, Completion):
-                    clock.ended = time.perf_counter_ns()
-                put(item)
-            if not isinstance(item, Completion):
-                raise TypeError(
-                    f"{type(engine).__name__}.stream() ended without a Completion; an Engine's stream yields "
-                    "text pieces, then one Completion"
-                )
-        except BaseException as exc:
-            put(exc)
-        finally:
-            put(_END)
+        # runs to the end even when the client has gone: an Engine's stream cannot be cancelled,
+        # and the slot stays taken until it ends, so generations never overlap
+        for item in engine.stream(messages, gen, stop=stop):
+            if isinstance(item, str) and not clock.first:
+                clock.first = time.perf_counter_ns()
+            elif isinstance(item, Completion):
+                clock.ended = time.perf_counter_ns()
+            yield item
+        if not isinstance(item, Completion):
+            raise TypeError(
+                f"{type(engine).__name__}.stream() ended without a Completion; an Engine's stream yields "
+                "text pieces, then one Completion"
+            )
 
+    sent, final = "", None
     try:
-        await slots.start(produce)
-        sent, final = "", None
-        while (item := await queue.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise RequestError(f"generation failed: {type(item).__name__}: {item}", status=500) from item
-            if isinstance(item, str):
-                if item:
-                    sent += item
-                    yield item
-            else:
-                final = item
-        assert final is not None  # produce() sends an error rather than end without a Completion
-        if len(final.text) > len(sent) and final.text.startswith(sent):  # text the engine held back
-            yield final.text[len(sent) :]
-        yield final
-    finally:
-        abandoned.set()
+        async with aclosing(in_slot(slots, produce)) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    if item:
+                        sent += item
+                        yield item
+                else:
+                    final = item
+    except RequestError:
+        raise
+    except Exception as exc:
+        raise RequestError(f"generation failed: {type(exc).__name__}: {exc}", status=500) from exc
+    assert final is not None  # produce() raises rather than end without a Completion
+    if len(final.text) > len(sent) and final.text.startswith(sent):  # text the engine held back
+        yield final.text[len(sent) :]
+    yield final
 
 
 async def _collect(pieces: AsyncIterator[str | Completion]) -> tuple[str, Completion]:

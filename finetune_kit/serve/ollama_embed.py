@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from fastapi import Request
     from fastapi.responses import Response
 
-    from finetune_kit.serve.ollama_api import SlotRunner
+    from finetune_kit.serve.pump import SlotRunner
 
 
 def install_ollama_embed_routes(

@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,14 +38,14 @@ from finetune_kit.models.engine import Completion, EmbeddingEngine, Engine, Text
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.serve.config import ServeConfig
 from finetune_kit.serve.protocol import MAX_STOP, StreamOptions
+from finetune_kit.serve.pump import in_slot
 
 if TYPE_CHECKING:
-    from finetune_kit.serve.ollama_api import SlotRunner
+    from finetune_kit.serve.pump import SlotRunner
 
 logger = logging.getLogger("finetune_kit.serve")
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` for ``/v1/completions``."""
-_END = object()
 
 
 def _texts(value: Any, field: str) -> Any:
@@ -285,7 +285,7 @@ async def _stream_completions(
     try:
         if body.echo:
             yield event(0, prompts[0])
-        async with aclosing(_in_slot(slots, items)) as pieces:
+        async with aclosing(in_slot(slots, items)) as pieces:
             async for i, item in pieces:
                 if isinstance(item, str):
                     if item:
@@ -310,47 +310,6 @@ async def _stream_completions(
         yield {"data": json.dumps({**head, "choices": [], "usage": usage(finals)})}
     yield {"data": "[DONE]"}
     log("200 " + ",".join(c.finish_reason for c in finals), usage(finals))
-
-
-async def _in_slot(slots: SlotRunner, produce: Callable[[threading.Event], Iterable[Any]]) -> AsyncGenerator[Any, None]:
-    """The items ``produce`` makes in a slot's worker thread, as they come; its exception is raised here.
-
-    The worker runs to the end of the item it is on even when the consumer leaves (a generation
-    cannot be cancelled), and the slot stays taken until it ends, so generations never overlap.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    abandoned = threading.Event()
-
-    def put(item: Any) -> None:
-        if not abandoned.is_set():
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-    def work() -> None:
-        try:
-            for item in produce(abandoned):
-                put(item)
-        except BaseException as exc:
-            put(_Failure(exc))
-        finally:
-            put(_END)
-
-    try:
-        await slots.start(work)
-        while (item := await queue.get()) is not _END:
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-    finally:
-        abandoned.set()
-
-
-class _Failure:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
 
 
 async def _run(slots: SlotRunner, fn: Callable[[], Any]) -> Any:
