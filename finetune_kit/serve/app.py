@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import secrets
 import threading
@@ -52,6 +51,7 @@ from finetune_kit.serve.protocol import (
     ModelList,
     Usage,
     describe_validation_errors,
+    stream_error_events,
 )
 from finetune_kit.serve.pump import in_slot
 from finetune_kit.serve.webchat import install_webchat_routes
@@ -210,9 +210,8 @@ async def _stream(
                     final = item
     except Exception as exc:
         logger.exception("generation failed mid-stream", exc_info=exc)
-        error = RequestError(f"generation failed: {type(exc).__name__}: {exc}", status=500, type="server_error")
-        yield {"data": json.dumps(error.body())}
-        yield {"data": "[DONE]"}
+        for event_ in stream_error_events(exc):
+            yield event_
         log("error mid-stream", None)
         return
     assert final is not None  # produce() raises rather than end without a Completion

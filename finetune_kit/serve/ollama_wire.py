@@ -115,12 +115,9 @@ def generation_options(
     if options is None:
         limit = default.max_new_tokens
     else:
-        if options.temperature is not None:
-            changes["temperature"] = options.temperature
-            if options.temperature == 0:
-                changes["do_sample"] = False
-        if options.top_p is not None:
-            changes.update({"do_sample": False} if options.top_p == 0 else {"top_p": options.top_p})
+        from finetune_kit.serve.protocol import sampling_changes  # pydantic's module: imported on use
+
+        changes.update(sampling_changes(None, options.temperature, options.top_p))
         if options.top_k is not None:
             changes["top_k"] = options.top_k
         if options.repeat_penalty is not None:

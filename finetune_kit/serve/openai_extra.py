@@ -37,7 +37,7 @@ from finetune_kit.errors import RequestError
 from finetune_kit.models.engine import Completion, EmbeddingEngine, Engine, TextCompletionEngine
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.serve.config import ServeConfig
-from finetune_kit.serve.protocol import MAX_STOP, StreamOptions
+from finetune_kit.serve.protocol import MAX_STOP, StreamOptions, sampling_changes, stream_error_events
 from finetune_kit.serve.pump import in_slot
 
 if TYPE_CHECKING:
@@ -124,16 +124,8 @@ class CompletionRequest(BaseModel):
 
     def generation(self, default: GenerationConfig) -> GenerationConfig:
         """The server's defaults overridden as on ``/v1/chat/completions``; ``max_tokens`` is 16 unless given."""
-        changes: dict[str, Any] = {"max_new_tokens": self.max_tokens or DEFAULT_MAX_TOKENS}
-        if self.do_sample is not None:
-            changes["do_sample"] = self.do_sample
-        if self.temperature is not None:
-            changes["temperature"] = self.temperature
-            if self.temperature == 0:
-                changes["do_sample"] = False
-        if self.top_p is not None:
-            changes.update({"do_sample": False} if self.top_p == 0 else {"top_p": self.top_p})
-        return default.with_(**changes)
+        changes = sampling_changes(self.do_sample, self.temperature, self.top_p)
+        return default.with_(max_new_tokens=self.max_tokens or DEFAULT_MAX_TOKENS, **changes)
 
 
 class EmbeddingRequest(BaseModel):
@@ -301,9 +293,8 @@ async def _stream_completions(
                     yield event(i + 1, prompts[i + 1])
     except Exception as exc:  # the status line is sent already: an error event ends the stream
         logger.exception("generation failed mid-stream", exc_info=exc)
-        error = RequestError(f"generation failed: {type(exc).__name__}: {exc}", status=500, type="server_error")
-        yield {"data": json.dumps(error.body())}
-        yield {"data": "[DONE]"}
+        for event_ in stream_error_events(exc):
+            yield event_
         log("error mid-stream", None)
         return
     if include_usage:

@@ -10,6 +10,7 @@ send them by default.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -168,18 +169,7 @@ class ChatCompletionRequest(BaseModel):
     def generation(self, default: GenerationConfig) -> GenerationConfig:
         """The server's defaults overridden by this request (LF's rule: ``do_sample`` wins,
         temperature 0 or top_p 0 means greedy, ``max_completion_tokens`` beats ``max_tokens``)."""
-        changes: dict[str, Any] = {}
-        if self.do_sample is not None:
-            changes["do_sample"] = self.do_sample
-        if self.temperature is not None:
-            changes["temperature"] = self.temperature
-            if self.temperature == 0:
-                changes["do_sample"] = False
-        if self.top_p is not None:
-            if self.top_p == 0:
-                changes["do_sample"] = False
-            else:
-                changes["top_p"] = self.top_p
+        changes = sampling_changes(self.do_sample, self.temperature, self.top_p)
         limit = self.max_completion_tokens or self.max_tokens
         if limit is not None:
             changes["max_new_tokens"] = limit
@@ -352,3 +342,25 @@ class OllamaEmbeddingsRequest(BaseModel):
     prompt: str = ""
     options: dict[str, Any] | None = None
     keep_alive: float | str | None = None
+
+
+def sampling_changes(do_sample: bool | None, temperature: float | None, top_p: float | None) -> dict[str, Any]:
+    """GenerationConfig changes for a request's sampling fields, the rule every route shares (LLaMA-Factory's):
+    ``do_sample`` when given, then temperature 0 or top_p 0 means greedy."""
+    changes: dict[str, Any] = {}
+    if do_sample is not None:
+        changes["do_sample"] = do_sample
+    if temperature is not None:
+        changes["temperature"] = temperature
+        if temperature == 0:
+            changes["do_sample"] = False
+    if top_p is not None:
+        changes.update({"do_sample": False} if top_p == 0 else {"top_p": top_p})
+    return changes
+
+
+def stream_error_events(exc: BaseException) -> list[dict[str, str]]:
+    """The SSE events that end an OpenAI stream after a failure: the error in OpenAI's shape, then ``[DONE]``
+    (the status line went out already)."""
+    error = RequestError(f"generation failed: {type(exc).__name__}: {exc}", status=500, type="server_error")
+    return [{"data": json.dumps(error.body())}, {"data": "[DONE]"}]
