@@ -148,13 +148,13 @@ class Exporter:
         folder_source = self._merged_folder()
         if folder_source is not None:
             return write_gguf_set(folder_source, folder, self._reference(), config, probes=probes)
-        model, owned = self._resolve()
+        model, _ = self._resolve()
         staging = folder.parent / f".{folder.name}.merging"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            reference = Exporter(model, self.config.with_(export_gguf=())).merge(staging)
-            held = model if not owned else reference.load()
-            return write_gguf_set(staging, folder, held, config, probes=probes)
+            # a LoadedModel is merged in a copy, so ``model`` keeps its live adapter: it is the reference
+            Exporter(model, self.config.with_(export_gguf=())).merge(staging)
+            return write_gguf_set(staging, folder, model, config, probes=probes)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
