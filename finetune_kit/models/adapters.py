@@ -9,8 +9,9 @@ and outputs. Only what will be written to (a merge, a continued adapter) is copi
 from __future__ import annotations
 
 import copy
+import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -100,3 +101,31 @@ def add_adapter(model: Any, folder: str) -> Any:
     base = merged_clone(model) if is_peft(model) else shared_clone(model)
     with quiet_peft():
         return PeftModel.from_pretrained(base, str(path))
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def add_named_adapters(model: Any, adapters: Mapping[str, str]) -> Any:
+    """``model`` with every adapter of ``adapters`` (name -> folder) loaded side by side, unmerged,
+    as a new module tree sharing its weights; the first one is active."""
+    from peft import PeftModel
+
+    if not adapters:
+        raise ValueError("with_named_adapters needs at least one adapter: {name: folder}")
+    for name in adapters:
+        if not ADAPTER_NAME.fullmatch(name) or name == "__base__":
+            raise ValueError(
+                f"adapter name {name!r} cannot be used as a model id. Fix: use letters, digits and . _ : - "
+                "(up to 64, starting with a letter or digit), e.g. shop or sql-v2"
+            )
+    paths = {name: check_adapter_dir(folder) for name, folder in adapters.items()}
+    base = merged_clone(model) if is_peft(model) else shared_clone(model)
+    first, *rest = paths.items()
+    with quiet_peft():
+        multi = PeftModel.from_pretrained(base, str(first[1]), adapter_name=first[0])
+        for name, path in rest:
+            multi.load_adapter(str(path), adapter_name=name)
+    multi.set_adapter(first[0])
+    multi.eval()
+    return multi

@@ -8,12 +8,15 @@ look past this protocol.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from finetune_kit.data.template import Message
 from finetune_kit.models.generation import GenerationConfig
+from finetune_kit.models.sampling import NO_EXTRAS, SamplingExtras
 
 FinishReason = Literal["stop", "length"]
 
@@ -111,3 +114,61 @@ class EmbeddingEngine(Protocol):
     def embed(
         self, texts: Sequence[str], *, batch_size: int = 8, normalize: bool = True, max_tokens: int | None = None
     ) -> list[list[float]]: ...
+
+
+class Overloaded(RuntimeError):
+    """Too many requests are waiting already; the client should retry later (a server answers 429 or 503)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation for a :class:`Scheduler`: the prompt's token ids, settings, stop strings, OpenAI
+    sampling extras, and the LoRA adapter to use (``None``: the model as loaded; ``"__base__"``:
+    the base model without any adapter)."""
+
+    prompt: Sequence[int]
+    generation: GenerationConfig
+    stop: Sequence[str] = ()
+    extras: SamplingExtras = NO_EXTRAS
+    adapter: str | None = None
+
+
+class Ticket:
+    """A submitted request; :meth:`cancel` ends it before its next decoding step."""
+
+    def __init__(self) -> None:
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+Item = str | Completion | BaseException
+"""What a scheduler hands a request's sink: text pieces, then one Completion, or the exception that ended it."""
+
+
+class Scheduler(Protocol):
+    """Runs many :class:`GenerationRequest` s at once (continuous batching)."""
+
+    def submit(self, request: GenerationRequest, sink: Callable[[Item], None]) -> Ticket: ...
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchingEngine(Protocol):
+    """What an :class:`Engine` adds to share forward passes between requests: a :class:`Scheduler`.
+
+    ``adapter_names`` lists the LoRA adapters a request may choose by name (empty: none).
+    """
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]: ...
+
+    def scheduler(self, *, max_batch: int, max_queued: int) -> Scheduler: ...

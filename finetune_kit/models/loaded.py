@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit.data.template import ChatTemplate, Message
 from finetune_kit.models import decoding, embedding
-from finetune_kit.models.adapters import add_adapter
+from finetune_kit.models.adapters import add_adapter, add_named_adapters
+from finetune_kit.models.batching import BatchScheduler
 from finetune_kit.models.bundled import BUNDLED_PREFIX
 from finetune_kit.models.engine import Completion, FinishReason
 from finetune_kit.models.generation import GenerationConfig, resolve_generation
@@ -42,10 +43,14 @@ class LoadedModel:
     tokenizer: Any = field(repr=False)
     template: ChatTemplate = field(repr=False)
     adapters: tuple[str, ...] = ()
+    adapter_names: tuple[str, ...] = ()
+    """Named LoRA adapters loaded side by side (:meth:`with_named_adapters`); a request picks one by name."""
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         adapters = f", adapters={list(self.adapters)}" if self.adapters else ""
+        if self.adapter_names:
+            adapters += f", adapter_names={list(self.adapter_names)}"
         return (
             f"LoadedModel({self.source.display_name}, {n / 1e6:.1f}M params, template={self.template.name}, "
             f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device}{adapters})"
@@ -112,6 +117,31 @@ class LoadedModel:
             template=self.template,
             adapters=adapters,
         )
+
+    def with_named_adapters(self, adapters: Mapping[str, str | os.PathLike[str]]) -> LoadedModel:
+        """A new LoadedModel holding several LoRA adapters side by side, each chosen by its name.
+
+        The adapters share this model's weights in memory (nothing is copied or merged); a server
+        lists every name as a model, and one decoding batch can mix requests for the base model and
+        for each adapter. Plain ``chat``/``generate`` calls use the first adapter. Example::
+
+            multi = model.with_named_adapters({"shop": "saves/shop", "sql": "saves/sql"})
+            Server(multi).run()   # models: the base name, "shop" and "sql"
+        """
+        named = {name: os.fspath(path) for name, path in adapters.items()}
+        return LoadedModel(
+            source=self.source,
+            model=add_named_adapters(self.model, named),
+            tokenizer=self.tokenizer,
+            template=self.template,
+            adapters=self.adapters,
+            adapter_names=tuple(named),
+        )
+
+    def scheduler(self, *, max_batch: int = 32, max_queued: int = 256) -> BatchScheduler:
+        """A continuous-batching scheduler over this model (what a Server generates with); see
+        :class:`~finetune_kit.models.batching.BatchScheduler`."""
+        return BatchScheduler(self, max_batch=max_batch, max_queued=max_queued)
 
     def tokenizer_with_template(self) -> Any:
         """A copy of the tokenizer whose ``chat_template`` renders this model's template (for saving)."""

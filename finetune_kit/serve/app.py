@@ -1,10 +1,9 @@
 """The FastAPI app: OpenAI-compatible routes over one :class:`~finetune_kit.models.engine.Engine`.
 
-Generation never runs on the event loop: each request takes a slot of an asyncio semaphore
-(``max_concurrent``, 1 like LLaMA-Factory, and never more than the engine's
-``max_concurrency``) and runs in a worker thread. The slot is released when the worker thread
-finishes, not when the client leaves, so an abandoned stream cannot let a second generation
-overlap the first.
+Generation never runs on the event loop: every route hands its work to the app's
+:class:`~finetune_kit.serve.runner.Runner` (one continuous batch for a :class:`LoadedModel`,
+worker threads for another engine), which refuses work beyond ``max_queued`` waiting requests
+with a 429 here and a 503 on the Ollama routes. Bodies above ``max_request_bytes`` get a 413.
 
 This module needs the ``serve`` extra; :class:`~finetune_kit.serve.server.Server` checks that
 it is installed (raising :class:`~finetune_kit.errors.MissingDependencyError` with the pip
@@ -13,14 +12,13 @@ command) before importing it.
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import hashlib
 import logging
 import secrets
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -34,11 +32,13 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finetune_kit.errors import RequestError, TemplateError
-from finetune_kit.models.engine import Completion, Engine
+from finetune_kit.models.engine import Completion, Engine, Overloaded
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.serve.config import ServeConfig
+from finetune_kit.serve.limits import BodyLimit, check_max_tokens, overloaded_response
 from finetune_kit.serve.ollama_api import install_ollama_routes
 from finetune_kit.serve.openai_extra import install_openai_extra_routes
+from finetune_kit.serve.openai_sampling import check_json
 from finetune_kit.serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -53,34 +53,28 @@ from finetune_kit.serve.protocol import (
     describe_validation_errors,
     stream_error_events,
 )
-from finetune_kit.serve.pump import in_slot
+from finetune_kit.serve.runner import BASE_ADAPTER, Job, Runner
 from finetune_kit.serve.webchat import install_webchat_routes
 
 logger = logging.getLogger("finetune_kit.serve")
 
 
-def concurrency(engine: Engine, config: ServeConfig) -> int:
-    """Generations at once: ``max_concurrent``, capped by what the engine can run in parallel."""
-    if engine.max_concurrency < 1:
-        raise ValueError(
-            f"{type(engine).__name__}.max_concurrency is {engine.max_concurrency}; an Engine must "
-            "run at least one generation at a time"
-        )
-    return min(config.max_concurrent, engine.max_concurrency)
-
-
 def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig) -> FastAPI:
     """Build the app serving ``engine`` under one model id, with ``generation`` as request defaults."""
-    name = config.served_name(engine)
-    card = ModelCard(id=name, created=int(time.time()))
-    slots = _Slots(concurrency(engine, config))
+    runner = Runner(engine, config)
+    name = runner.name
+    created = int(time.time())
+    cards = [ModelCard(id=n, created=created) for n in runner.names]
     context = engine.context_length
+    vocab = _vocab_size(engine)
 
     app = FastAPI(title="finetune_kit OpenAI-compatible API", version="1")
     app.add_middleware(
         CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"]
     )
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
     _install_error_handlers(app)
+    app.state.runner = runner
     router = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_check(config.api_key))] if config.api_key else [])
 
     @app.get("/health")
@@ -89,25 +83,31 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
 
     @router.get("/models")
     async def list_models() -> JSONResponse:
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        return JSONResponse(ModelList(data=cards).model_dump())
 
     @router.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
-        if model_id != name:
-            raise RequestError(
-                f"The model '{model_id}' does not exist; this server serves '{name}'.",
-                param="model",
-                status=404,
-                code="model_not_found",
-            )
-        return JSONResponse(card.model_dump())
+        for card in cards:
+            if card.id == model_id:
+                return JSONResponse(card.model_dump())
+        served = ", ".join(repr(c.id) for c in cards)
+        raise RequestError(
+            f"The model '{model_id}' does not exist; this server serves {served}.",
+            param="model",
+            status=404,
+            code="model_not_found",
+        )
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         started = time.perf_counter()
         body.check_supported()
         messages = body.conversation()
-        gen = body.generation(generation)
+        adapter = runner.adapter_for(body.model)
+        gen = check_max_tokens(body.generation(generation), config, "max_tokens")
+        extras = body.extras(vocab)
+        runner.check_extras(extras)
+        json_mode = body.json_mode(" ".join(m["content"] for m in messages))
         try:
             prompt = engine.encode_prompt(messages)
         except TemplateError as exc:
@@ -121,6 +121,8 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
             )
         stop = body.stop or []
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        job = Job(prompt, gen, stop, messages=messages, extras=extras, adapter=adapter)
+        served = adapter if adapter is not None and adapter != BASE_ADAPTER else name
 
         def log(status: str, usage: Usage | None) -> None:
             if config.api_verbose:
@@ -137,22 +139,19 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
                 )
 
         if body.stream:
+            items = runner.open(job)  # submitted now: an overloaded server answers 429, not a broken stream
             events = _stream(
-                engine,
-                messages,
-                gen,
-                stop,
-                slots,
+                items,
                 body.include_usage,
-                ChatCompletionChunk(id=rid, created=created, model=name, choices=[]),
+                json_mode,
+                ChatCompletionChunk(id=rid, created=created, model=served, choices=[]),
                 log,
             )
             return EventSourceResponse(events, sep="\n")
 
-        def work() -> list[Completion]:
-            return engine.generate([messages] * body.n, gen, batch_size=min(body.n, 8), stop=stop)
-
-        done = await slots.run(work)
+        done = await runner.complete([_seeded(job, i) for i in range(body.n)])
+        if json_mode:
+            check_json(done)
         usage = Usage.of(done)
         choices = [
             Choice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
@@ -160,63 +159,50 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
         ]
         log("200 " + ",".join(c.finish_reason for c in done), usage)
         return JSONResponse(
-            ChatCompletion(id=rid, created=created, model=name, choices=choices, usage=usage).model_dump()
+            ChatCompletion(id=rid, created=created, model=served, choices=choices, usage=usage).model_dump()
         )
 
-    install_openai_extra_routes(router, engine=engine, name=name, slots=slots, generation=generation, config=config)
-    install_ollama_routes(app, engine=engine, name=name, slots=slots, generation=generation, config=config)
+    install_openai_extra_routes(router, runner=runner, vocab=vocab, generation=generation, config=config)
+    install_ollama_routes(app, runner=runner, generation=generation, config=config)
     install_webchat_routes(app)
     app.include_router(router)
     return app
 
 
 async def _stream(
-    engine: Engine,
-    messages: list[dict[str, str]],
-    gen: GenerationConfig,
-    stop: list[str],
-    slots: _Slots,
+    items: AsyncGenerator[str | Completion, None],
     include_usage: bool,
+    json_mode: bool,
     base: ChatCompletionChunk,
     log: Callable[[str, Usage | None], None],
 ) -> AsyncIterator[dict[str, str]]:
-    """SSE events: role chunk, content chunks, finish chunk, optional usage chunk, ``[DONE]``."""
+    """SSE events: role chunk, content chunks, finish chunk, optional usage chunk, ``[DONE]``; an error
+    after the first event is sent as an ``error`` event, then the stream ends."""
     skip = None if include_usage else {"usage"}
 
     def event(choice: ChunkChoice | None, usage: Usage | None = None) -> dict[str, str]:
         chunk = base.model_copy(update={"choices": [choice] if choice else [], "usage": usage})
         return {"data": chunk.model_dump_json(exclude=skip)}
 
-    yield event(ChunkChoice(delta=Delta(role="assistant", content="")))
-
-    def produce(abandoned: threading.Event) -> Iterator[str | Completion]:
-        item: Any = None
-        for item in engine.stream(messages, gen, stop=stop):  # runs to the end even if abandoned
-            yield item
-        if item is None or isinstance(item, str):
-            raise TypeError(
-                f"{type(engine).__name__}.stream() ended without a Completion; an Engine's "
-                "stream yields text pieces, then one Completion"
-            )
-
-    sent, final = "", None
+    final = None
     try:
-        async with aclosing(in_slot(slots, produce)) as items:
+        yield event(ChunkChoice(delta=Delta(role="assistant", content="")))
+        async with aclosing(items):
             async for item in items:
                 if isinstance(item, str):
-                    sent += item
                     yield event(ChunkChoice(delta=Delta(content=item)))
                 else:
                     final = item
+        assert final is not None
+        if json_mode:
+            check_json([final])
     except Exception as exc:
-        logger.exception("generation failed mid-stream", exc_info=exc)
+        if not isinstance(exc, RequestError):
+            logger.exception("generation failed mid-stream", exc_info=exc)
         for event_ in stream_error_events(exc):
             yield event_
         log("error mid-stream", None)
         return
-    assert final is not None  # produce() raises rather than end without a Completion
-    if len(final.text) > len(sent) and final.text.startswith(sent):  # text the streamer held back
-        yield event(ChunkChoice(delta=Delta(content=final.text[len(sent) :])))
     yield event(ChunkChoice(delta=Delta(), finish_reason=final.finish_reason))
     usage = Usage.of([final])
     if include_usage:
@@ -225,35 +211,16 @@ async def _stream(
     log(f"200 {final.finish_reason}", usage)
 
 
-class _Slots:
-    """``max_concurrent`` generation slots; a slot frees when its worker thread ends.
+def _seeded(job: Job, index: int) -> Job:
+    """Choice ``index`` of a request with ``n`` > 1: its own seed, so seeded choices differ from each other."""
+    if index == 0 or job.extras.seed is None:
+        return job
+    return dataclasses.replace(job, extras=dataclasses.replace(job.extras, seed=job.extras.seed + index))
 
-    The semaphore is made on first use in the running loop, so one app can be served by
-    several event loops one after another (``Server.start()`` twice).
-    """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._sem: asyncio.Semaphore | None = None
-
-    async def start(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        if self._sem is None or self._loop is not loop:
-            self._loop, self._sem = loop, asyncio.Semaphore(self.size)
-        sem = self._sem
-        await sem.acquire()
-        try:
-            future = loop.run_in_executor(None, fn)
-        except BaseException:
-            sem.release()
-            raise
-        future.add_done_callback(lambda _: sem.release())
-        return future
-
-    async def run(self, fn: Callable[[], Any]) -> Any:
-        # shield: a cancelled request must not mark the future done while its thread still runs
-        return await asyncio.shield(await self.start(fn))
+def _vocab_size(engine: Engine) -> int | None:
+    size = getattr(getattr(getattr(engine, "model", None), "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
 
 
 def _bearer_check(key: str) -> Callable[[Request], Any]:
@@ -308,6 +275,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             )
         )
 
+    async def overloaded(request: Request, exc: Exception) -> JSONResponse:
+        return overloaded_response(request.url.path, exc)
+
+    app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(RequestError, request_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

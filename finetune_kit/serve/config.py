@@ -26,7 +26,8 @@ class ServeConfig(StageConfig):
 
     One rule: a field you pass wins; a field you leave out is read from its LLaMA-Factory
     environment variable (``API_HOST``, ``API_PORT``, ``API_KEY``, ``API_MODEL_NAME``,
-    ``MAX_CONCURRENT``, ``API_VERBOSE``) when the config is constructed, else takes its
+    ``MAX_CONCURRENT``, ``MAX_QUEUED``, ``MAX_REQUEST_BYTES``, ``MAX_TOKENS_LIMIT``, ``API_VERBOSE``)
+    when the config is constructed, else takes its
     default. So ``API_PORT=8001 python app.py`` works as with ``llamafactory-cli api``, and
     ``API_KEY`` keeps protecting a server whose config sets only the port. ``with_()`` copies
     the values already read and never reads the environment again. Example::
@@ -46,7 +47,16 @@ class ServeConfig(StageConfig):
         "API_MODEL_NAME", None, "Model id shown by /v1/models; none derives it from the model or adapter folder."
     )
     max_concurrent: int = _env_option(
-        "MAX_CONCURRENT", 1, "Requests generating at once; the rest wait their turn (1 = serialized)."
+        "MAX_CONCURRENT", 32, "Requests decoding together in one batch; the rest wait in the queue."
+    )
+    max_queued: int = _env_option(
+        "MAX_QUEUED", 256, "Requests that may wait for a place; beyond them a request gets 429 (/v1) or 503 (/api)."
+    )
+    max_request_bytes: int = _env_option(
+        "MAX_REQUEST_BYTES", 4 * 1024 * 1024, "Largest request body accepted; a larger one gets 413."
+    )
+    max_tokens_limit: int | None = _env_option(
+        "MAX_TOKENS_LIMIT", None, "Most tokens one reply may ask for (max_tokens, num_predict); none: the context."
     )
     api_verbose: bool = _env_option("API_VERBOSE", True, "Log one line per request.")
 
@@ -56,6 +66,12 @@ class ServeConfig(StageConfig):
             problems.append(f"api_port: got {self.api_port}; expected 0..65535 (0 picks a free port)")
         if self.max_concurrent < 1:
             problems.append(f"max_concurrent: got {self.max_concurrent}; expected at least 1")
+        if self.max_queued < 0:
+            problems.append(f"max_queued: got {self.max_queued}; expected 0 or more")
+        if self.max_request_bytes < 1024:
+            problems.append(f"max_request_bytes: got {self.max_request_bytes}; expected at least 1024")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            problems.append(f"max_tokens_limit: got {self.max_tokens_limit}; expected at least 1 (or none)")
         if not self.api_host.strip():
             problems.append("api_host: got an empty string; expected an address such as 127.0.0.1 or 0.0.0.0")
         if self.api_model_name is not None and not self.api_model_name.strip():

@@ -2,7 +2,8 @@
 
 Clients written for Ollama (the ``ollama`` Python and JS libraries, open-webui) work against a
 :class:`~finetune_kit.serve.server.Server` unchanged, pointed at its root URL. Generation shares
-the OpenAI routes' slots, so ``max_concurrent`` bounds both APIs together, and ``api_key``
+the OpenAI routes' :class:`~finetune_kit.serve.runner.Runner` (one batch, one queue), so
+``max_concurrent`` and ``max_queued`` bound both APIs together (a full queue is a 503 here), and ``api_key``
 protects ``/api/*`` as it protects ``/v1``. Shapes, defaults and error texts follow Ollama's
 ``server/routes.go`` and ``api/types.go``: NDJSON streaming unless ``stream`` is false, a last
 object with ``done: true``, ``done_reason`` and nanosecond durations, and every error as
@@ -13,17 +14,16 @@ engine always applies its chat template), ``suffix``, a Go ``template``, ``conte
 tools, ``think: true``, ``logprobs`` and a JSON-schema ``format``. ``format: "json"`` is checked,
 not enforced: a reply that is not JSON ends with an error. ``keep_alive`` is read and has no
 effect, since the server holds its one model for its whole life (an unload request is answered
-as Ollama answers it, and ``/api/ps`` keeps listing the model). ``options.seed`` is ignored:
-:class:`GenerationConfig` has no seed.
+as Ollama answers it, and ``/api/ps`` keeps listing the model). ``options.seed`` and the two
+penalties mean what they mean on the OpenAI routes.
 """
 
 import hashlib
 import json
 import logging
 import secrets
-import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from finetune_kit.data.messages import Message
 from finetune_kit.errors import RequestError, TemplateError
-from finetune_kit.models.engine import Completion, Engine
+from finetune_kit.models.engine import Completion, Overloaded
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.serve import ollama_wire as wire
 from finetune_kit.serve import webchat
 from finetune_kit.serve.config import ServeConfig
+from finetune_kit.serve.limits import overloaded_response
 from finetune_kit.serve.ollama_embed import install_ollama_embed_routes
-from finetune_kit.serve.pump import SlotRunner, in_slot
+from finetune_kit.serve.runner import Job, Runner
 
 if TYPE_CHECKING:
     from finetune_kit.serve.protocol import OllamaRequest
@@ -60,10 +61,8 @@ _PATHS = (
 )
 
 
-def install_ollama_routes(
-    app: Any, *, engine: Engine, name: str, slots: SlotRunner, generation: GenerationConfig, config: ServeConfig
-) -> None:
-    """Add Ollama's routes to ``app`` (a FastAPI app), serving ``engine`` as ``<name>:latest``."""
+def install_ollama_routes(app: Any, *, runner: Runner, generation: GenerationConfig, config: ServeConfig) -> None:
+    """Add Ollama's routes to ``app`` (a FastAPI app), serving each of ``runner.names`` as ``<name>:latest``."""
     # no `from __future__ import annotations` here: FastAPI reads `request: Request` below as a real class
     from fastapi import Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -71,7 +70,8 @@ def install_ollama_routes(
 
     from finetune_kit.serve import protocol
 
-    facts = wire.describe_model(engine, name)
+    engine = runner.engine
+    described = {n: wire.describe_model(engine, n) for n in runner.names}
     check_key = _key_check(config.api_key)
 
     def error(exc: RequestError) -> Response:
@@ -86,6 +86,8 @@ def install_ollama_routes(
                 try:
                     check_key(request)
                     return await handler(request)
+                except Overloaded as exc:
+                    return overloaded_response(request.url.path, exc)
                 except RequestError as exc:
                     if exc.status < 500:
                         logger.info("%d %s %s: %s", exc.status, request.method, request.url.path, exc.message)
@@ -114,21 +116,31 @@ def install_ollama_routes(
         except ValidationError as exc:
             raise protocol.describe_validation_errors(exc.errors()) from None
 
-    def find(requested: str) -> None:
+    def find(requested: str) -> tuple[wire.ModelFacts, str | None]:
+        """The served model a request names, and the adapter that gives it."""
         if not requested:
             raise RequestError("model is required")
-        if requested.casefold() not in facts.aliases:
-            raise RequestError(f"model '{requested}' not found", status=404)
+        for served, facts in described.items():
+            if requested.casefold() in facts.aliases:
+                return facts, runner.adapter_for(served)
+        raise RequestError(f"model '{requested}' not found", status=404)
 
-    async def respond(kind: Kind, body: "OllamaRequest", messages: list[Message], started: int) -> Response:
+    async def respond(
+        kind: Kind, body: "OllamaRequest", messages: list[Message], started: int, adapter: str | None
+    ) -> Response:
         json_wanted = wire.wants_json(body.format)
         try:
             prompt = engine.encode_prompt(messages)
         except TemplateError as exc:
             raise RequestError(str(exc)) from exc
-        gen, stop = wire.generation_options(body.options, generation, len(prompt), engine.context_length)
-        clock = _Clock(started)
-        pieces = _pieces(engine, messages, gen, stop, slots, clock)
+        gen, stop = wire.generation_options(
+            body.options, generation, len(prompt), engine.context_length, config.max_tokens_limit
+        )
+        extras = wire.sampling_extras(body.options)
+        runner.check_extras(extras)
+        clock = _Clock(started, began=time.perf_counter_ns())
+        job = Job(prompt, gen, stop, messages=messages, extras=extras, adapter=adapter)
+        pieces = _pieces(runner.open(job), clock)  # submitted now: a full queue answers 503 before any line
         out = _Objects(kind, body.model)
 
         def finish(final: Completion, text: str) -> dict[str, Any]:
@@ -169,19 +181,19 @@ def install_ollama_routes(
     async def chat(request: Request) -> Response:
         started = time.perf_counter_ns()
         body = await parse(request, protocol.OllamaChatRequest)
-        find(body.model)
+        _, adapter = find(body.model)
         wire.refuse_unsupported(body)
         if body.tools:
             raise RequestError(f"{body.model} does not support tools")
         if not body.messages:  # Ollama loads (or unloads) the model and answers at once
             return JSONResponse(_Objects("chat", body.model).loaded(wire.unloads(body.keep_alive)))
-        return await respond("chat", body, wire.conversation(body.messages), started)
+        return await respond("chat", body, wire.conversation(body.messages), started, adapter)
 
     @route("/api/generate", ["POST"])
     async def generate(request: Request) -> Response:
         started = time.perf_counter_ns()
         body = await parse(request, protocol.OllamaGenerateRequest)
-        find(body.model)
+        _, adapter = find(body.model)
         wire.refuse_unsupported(body)
         if not body.prompt and not body.suffix:
             return JSONResponse(_Objects("generate", body.model).loaded(wire.unloads(body.keep_alive)))
@@ -199,31 +211,35 @@ def install_ollama_routes(
         if body.images:
             raise RequestError(f"images: {body.model} is a text-only model")
         system = [{"role": "system", "content": body.system}] if body.system else []
-        return await respond("generate", body, [*system, {"role": "user", "content": body.prompt}], started)
+        messages = [*system, {"role": "user", "content": body.prompt}]
+        return await respond("generate", body, messages, started, adapter)
 
     @route("/api/tags", ["GET", "HEAD"])
     async def tags(request: Request) -> Response:
-        return JSONResponse({"models": [facts.listing()]})
+        return JSONResponse({"models": [facts.listing() for facts in described.values()]})
 
     @route("/api/ps", ["GET"])
     async def ps(request: Request) -> Response:
         expires = wire.timestamp(datetime.now(timezone.utc) + wire.FOREVER)
-        model = {**facts.listing(), "expires_at": expires, "size_vram": facts.size if facts.on_gpu else 0}
-        if engine.context_length:
-            model["context_length"] = engine.context_length
-        return JSONResponse({"models": [model]})
+        models = []
+        for facts in described.values():
+            model = {**facts.listing(), "expires_at": expires, "size_vram": facts.size if facts.on_gpu else 0}
+            if engine.context_length:
+                model["context_length"] = engine.context_length
+            models.append(model)
+        return JSONResponse({"models": models})
 
     @route("/api/show", ["POST"])
     async def show(request: Request) -> Response:
         body = await parse(request, protocol.OllamaShowRequest)
-        find(body.model or body.name)
+        facts, _ = find(body.model or body.name)
         return JSONResponse(facts.show(generation, engine.context_length))
 
     @route("/api/version", ["GET", "HEAD"])
     async def version(request: Request) -> Response:
         return JSONResponse({"version": OLLAMA_VERSION})
 
-    install_ollama_embed_routes(route, parse, find, engine=engine, slots=slots)
+    install_ollama_embed_routes(route, parse, find, runner=runner)
 
     @route("/api/{rest:path}", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
     async def unknown(request: Request) -> Response:
@@ -268,50 +284,23 @@ class _Clock:
 
 
 async def _pieces(
-    engine: Engine,
-    messages: list[Message],
-    gen: GenerationConfig,
-    stop: list[str],
-    slots: SlotRunner,
-    clock: _Clock,
+    items: AsyncGenerator[str | Completion, None], clock: _Clock
 ) -> AsyncGenerator[str | Completion, None]:
-    """Text pieces as the engine makes them in a slot's worker thread, then the Completion."""
-
-    def produce(abandoned: threading.Event) -> Iterator[str | Completion]:
-        clock.began = time.perf_counter_ns()
-        item: Any = None
-        # runs to the end even when the client has gone: an Engine's stream cannot be cancelled,
-        # and the slot stays taken until it ends, so generations never overlap
-        for item in engine.stream(messages, gen, stop=stop):
-            if isinstance(item, str) and not clock.first:
-                clock.first = time.perf_counter_ns()
-            elif isinstance(item, Completion):
-                clock.ended = time.perf_counter_ns()
-            yield item
-        if not isinstance(item, Completion):
-            raise TypeError(
-                f"{type(engine).__name__}.stream() ended without a Completion; an Engine's stream yields "
-                "text pieces, then one Completion"
-            )
-
-    sent, final = "", None
+    """A submitted generation's text pieces, then its Completion, noting when the first piece and the end came."""
     try:
-        async with aclosing(in_slot(slots, produce)) as items:
+        async with aclosing(items):
             async for item in items:
                 if isinstance(item, str):
                     if item:
-                        sent += item
+                        clock.first = clock.first or time.perf_counter_ns()
                         yield item
                 else:
-                    final = item
+                    clock.ended = time.perf_counter_ns()
+                    yield item
     except RequestError:
         raise
     except Exception as exc:
         raise RequestError(f"generation failed: {type(exc).__name__}: {exc}", status=500) from exc
-    assert final is not None  # produce() raises rather than end without a Completion
-    if len(final.text) > len(sent) and final.text.startswith(sent):  # text the engine held back
-        yield final.text[len(sent) :]
-    yield final
 
 
 async def _collect(pieces: AsyncIterator[str | Completion]) -> tuple[str, Completion]:

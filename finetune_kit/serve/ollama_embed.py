@@ -6,32 +6,30 @@ and ``prompt_eval_count``, truncates an input longer than the context unless ``t
 and answers an empty input with no embeddings; ``/api/embeddings`` takes one ``prompt`` and returns
 its vector unnormalized. ``dimensions`` smaller than the model's own is refused (a chat model's
 embedding cannot be shortened); ``options`` and ``keep_alive`` are read and have no effect.
-Embedding runs in the generation slots that ``/api/chat`` and the OpenAI routes share.
+Embedding runs through the app's :class:`~finetune_kit.serve.runner.Runner`, between decoding steps.
 """
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit.errors import RequestError
-from finetune_kit.models.engine import EmbeddingEngine, Engine
+from finetune_kit.models.engine import EmbeddingEngine
 from finetune_kit.serve import ollama_wire as wire
 
 if TYPE_CHECKING:
     from fastapi import Request
     from fastapi.responses import Response
 
-    from finetune_kit.serve.pump import SlotRunner
+    from finetune_kit.serve.runner import Runner
 
 
 def install_ollama_embed_routes(
     route: Callable[..., Any],
     parse: Callable[..., Any],
-    find: Callable[[str], None],
+    find: Callable[[str], Any],
     *,
-    engine: Engine,
-    slots: "SlotRunner",
+    runner: "Runner",
 ) -> None:
     """Add ``/api/embed`` and ``/api/embeddings`` with ``install_ollama_routes``' ``route``, ``parse`` and
     ``find`` helpers, so they check the key, parse bodies and answer errors as every ``/api`` route does."""
@@ -39,6 +37,7 @@ def install_ollama_embed_routes(
 
     from finetune_kit.serve.protocol import OllamaEmbeddingsRequest, OllamaEmbedRequest
 
+    engine = runner.engine
     embedder = engine if isinstance(engine, EmbeddingEngine) else None
     context = engine.context_length
 
@@ -60,8 +59,8 @@ def install_ollama_embed_routes(
         return embedder, total
 
     async def run(fn: Callable[[], list[list[float]]]) -> list[list[float]]:
-        # shield: a cancelled request must not mark the future done while its thread still runs
-        return await asyncio.shield(await slots.start(fn))
+        result: list[list[float]] = await runner.call(fn)
+        return result
 
     @route("/api/embed", ["POST"])
     async def embed(request: "Request") -> "Response":

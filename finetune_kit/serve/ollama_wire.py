@@ -21,6 +21,7 @@ from finetune_kit.export.ollama import go_template, stop_strings
 from finetune_kit.models.engine import Engine
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.models.loaded import LoadedModel
+from finetune_kit.models.sampling import NO_EXTRAS, SamplingExtras
 
 if TYPE_CHECKING:
     from finetune_kit.serve.protocol import OllamaOptions, OllamaRequest
@@ -98,13 +99,24 @@ def conversation(messages: Sequence[Any]) -> list[Message]:
 
 
 def generation_options(
-    options: "OllamaOptions | None", default: GenerationConfig, prompt_tokens: int, context: int | None
+    options: "OllamaOptions | None",
+    default: GenerationConfig,
+    prompt_tokens: int,
+    context: int | None,
+    limit_tokens: int | None = None,
 ) -> tuple[GenerationConfig, list[str]]:
     """``options`` over the server's defaults, by the OpenAI route's rules (temperature 0 or top_p 0 is greedy).
 
     ``num_predict`` absent keeps the server's ``max_new_tokens``; 0 or less (Ollama's -1 "no limit",
-    -2 "fill the context") means up to the context length. No reply outgrows the context.
+    -2 "fill the context") means up to the context length, or up to ``limit_tokens`` (the server's
+    ``max_tokens_limit``). No reply outgrows the context; an explicit ``num_predict`` above
+    ``limit_tokens`` is a 400.
     """
+    if options is not None and options.num_predict and limit_tokens and options.num_predict > limit_tokens:
+        raise RequestError(
+            f"num_predict is {options.num_predict}, above this server's limit of {limit_tokens} tokens per reply. "
+            f"Fix: ask for at most {limit_tokens}"
+        )
     room = context - prompt_tokens if context else None
     if room is not None and room <= 0:
         raise RequestError(
@@ -124,12 +136,28 @@ def generation_options(
             changes["repetition_penalty"] = options.repeat_penalty
         asked = options.num_predict
         limit = default.max_new_tokens if asked is None else asked if asked > 0 else room or default.max_new_tokens
+    if limit_tokens is not None:
+        limit = min(limit, limit_tokens)
     changes["max_new_tokens"] = min(limit, room) if room is not None else limit
     stop = [s for s in (options.stop or []) if s] if options else []
     try:
         return default.with_(**changes), stop
     except ConfigError as exc:
         raise RequestError(f"options: {exc}") from exc
+
+
+def sampling_extras(options: "OllamaOptions | None") -> SamplingExtras:
+    """``options.seed`` and the two penalties, as the OpenAI routes read them."""
+    if options is None:
+        return NO_EXTRAS
+    try:
+        return SamplingExtras(
+            seed=options.seed,
+            presence_penalty=float(options.presence_penalty or 0.0),
+            frequency_penalty=float(options.frequency_penalty or 0.0),
+        )
+    except ValueError as exc:
+        raise RequestError(f"options: {exc}") from None
 
 
 def json_problem(text: str) -> str | None:

@@ -4,28 +4,28 @@ Shapes follow ``openai/openai-openapi`` (``CreateCompletionRequest``/``Response`
 ``CreateEmbeddingRequest``/``Response``). A completion prompt is raw text: the chat template is
 not applied and the model continues the text's tokens (:class:`TextCompletionEngine`). An
 embedding is the mean of the served model's last hidden state over the text's tokens,
-L2-normalized (:class:`EmbeddingEngine`). Both run in the chat route's generation slots; Ollama's
-``/api/embed`` lives in :mod:`finetune_kit.serve.ollama_embed`.
+L2-normalized (:class:`EmbeddingEngine`). Both go through the app's
+:class:`~finetune_kit.serve.runner.Runner`, as chat does; Ollama's ``/api/embed`` lives in
+:mod:`finetune_kit.serve.ollama_embed`.
 
 Refused with a 400 naming the field, never dropped: ``suffix``, ``logprobs``, ``best_of`` other
-than ``n``, a non-empty ``logit_bias``, token-id prompts and inputs, and ``dimensions`` other than
-the model's own (its embeddings cannot be shortened). ``seed``, ``user`` and the two penalties
-are accepted and ignored, as on ``/v1/chat/completions``.
+than ``n``, token-id prompts and inputs, and ``dimensions`` other than the model's own (its
+embeddings cannot be shortened). ``seed``, the penalties, ``logit_bias`` and ``response_format``
+mean what they mean on ``/v1/chat/completions``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import struct
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 # imported only by serve/app.py, after Server has checked the serve extra
 from fastapi import APIRouter
@@ -36,12 +36,12 @@ from sse_starlette import EventSourceResponse
 from finetune_kit.errors import RequestError
 from finetune_kit.models.engine import Completion, EmbeddingEngine, Engine, TextCompletionEngine
 from finetune_kit.models.generation import GenerationConfig
+from finetune_kit.models.sampling import SamplingExtras
 from finetune_kit.serve.config import ServeConfig
+from finetune_kit.serve.limits import check_max_tokens
+from finetune_kit.serve.openai_sampling import SamplingFields, check_json
 from finetune_kit.serve.protocol import MAX_STOP, StreamOptions, sampling_changes, stream_error_events
-from finetune_kit.serve.pump import in_slot
-
-if TYPE_CHECKING:
-    from finetune_kit.serve.pump import SlotRunner
+from finetune_kit.serve.runner import BASE_ADAPTER, Job, Runner
 
 logger = logging.getLogger("finetune_kit.serve")
 DEFAULT_MAX_TOKENS = 16
@@ -59,7 +59,7 @@ def _texts(value: Any, field: str) -> Any:
     raise ValueError(f"{field} must be a string or a non-empty list of strings")
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingFields):
     """``POST /v1/completions`` body; unknown fields are ignored like the OpenAI API does."""
 
     model_config = ConfigDict(extra="ignore")
@@ -75,16 +75,11 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     echo: bool = False
     do_sample: bool | None = None
-    # accepted and ignored
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    user: str | None = None
+    user: str | None = None  # accepted and ignored
     # rejected when used (see check_supported)
     suffix: str | None = None
     logprobs: int | None = None
     best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -119,8 +114,6 @@ class CompletionRequest(BaseModel):
                 f"leave best_of out or set it to n ({self.n})",
                 param="best_of",
             )
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported by this server; leave it out", param="logit_bias")
 
     def generation(self, default: GenerationConfig) -> GenerationConfig:
         """The server's defaults overridden as on ``/v1/chat/completions``; ``max_tokens`` is 16 unless given."""
@@ -146,15 +139,10 @@ class EmbeddingRequest(BaseModel):
 
 
 def install_openai_extra_routes(
-    router: APIRouter,
-    *,
-    engine: Engine,
-    name: str,
-    slots: SlotRunner,
-    generation: GenerationConfig,
-    config: ServeConfig,
+    router: APIRouter, *, runner: Runner, vocab: int | None, generation: GenerationConfig, config: ServeConfig
 ) -> None:
-    """Add ``/completions`` and ``/embeddings`` to the ``/v1`` router, serving ``engine`` as ``name``."""
+    """Add ``/completions`` and ``/embeddings`` to the ``/v1`` router, over ``runner``'s engine."""
+    engine = runner.engine
     completer = engine if isinstance(engine, TextCompletionEngine) else None
     embedder = engine if isinstance(engine, EmbeddingEngine) else None
     context = engine.context_length
@@ -165,8 +153,13 @@ def install_openai_extra_routes(
         body.check_supported()
         if completer is None:
             raise _unsupported(engine, "continue raw text", "send the conversation to /v1/chat/completions")
-        gen = body.generation(generation)
-        counts = [len(completer.encode_text(text)) for text in body.prompt]
+        adapter = runner.adapter_for(body.model)
+        gen = check_max_tokens(body.generation(generation), config, "max_tokens")
+        extras = body.extras(vocab)
+        runner.check_extras(extras)
+        json_mode = body.json_mode(" ".join(body.prompt))
+        ids = [completer.encode_text(text) for text in body.prompt]
+        counts = [len(p) for p in ids]
         for i, count in enumerate(counts):
             where = "prompt" if len(counts) == 1 else f"prompt[{i}]"
             if count == 0:
@@ -182,9 +175,16 @@ def install_openai_extra_routes(
                     param="prompt",
                     code="context_length_exceeded",
                 )
-        prompts = [text for text in body.prompt for _ in range(body.n)]  # choice i answers prompt i // n
         stop, rid, created = body.stop or [], f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": name}
+        # choice i answers prompt i // n; a seeded request gives each of its n choices its own seed
+        jobs = [
+            Job(p, gen, stop, text=text, adapter=adapter, extras=_nth_seed(extras, k))
+            for text, p in zip(body.prompt, ids, strict=True)
+            for k in range(body.n)
+        ]
+        prompts = [job.text or "" for job in jobs]
+        served = adapter if adapter is not None and adapter != BASE_ADAPTER else runner.name
+        head = {"id": rid, "object": "text_completion", "created": created, "model": served}
 
         def usage(done: Iterable[Completion]) -> dict[str, int]:
             new = sum(c.completion_tokens for c in done)
@@ -199,11 +199,12 @@ def install_openai_extra_routes(
                 )
 
         if body.stream:
-            events = _stream_completions(completer, prompts, gen, stop, slots, body, head, usage, log)
+            streams = [runner.open(job) for job in jobs]  # all submitted now, generated side by side
+            events = _stream_completions(streams, prompts, json_mode, body, head, usage, log)
             return EventSourceResponse(events, sep="\n")
-        done: list[Completion] = await _run(
-            slots, lambda: completer.complete(prompts, gen, batch_size=min(len(prompts), 8), stop=stop)
-        )
+        done = await runner.complete(jobs)
+        if json_mode:
+            check_json(done)
         echoed = prompts if body.echo else [""] * len(prompts)
         choices = [
             {"text": echoed[i] + c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
@@ -235,29 +236,28 @@ def install_openai_extra_routes(
                     param="input",
                     code="context_length_exceeded",
                 )
-        vectors: list[list[float]] = await _run(slots, lambda: embedder.embed(body.input))
+        vectors: list[list[float]] = await runner.call(lambda: embedder.embed(body.input))
         encode = _base64 if body.encoding_format == "base64" else (lambda v: v)
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
         total = sum(counts)
         if config.api_verbose:
             logger.info("embeddings model=%s inputs=%d -> 200, %d tokens", body.model, len(counts), total)
         usage = {"prompt_tokens": total, "total_tokens": total}
-        return JSONResponse({"object": "list", "data": data, "model": name, "usage": usage})
+        return JSONResponse({"object": "list", "data": data, "model": runner.name, "usage": usage})
 
 
 async def _stream_completions(
-    completer: TextCompletionEngine,
+    streams: list[AsyncGenerator[str | Completion, None]],
     prompts: list[str],
-    gen: GenerationConfig,
-    stop: list[str],
-    slots: SlotRunner,
+    json_mode: bool,
     body: CompletionRequest,
     head: dict[str, Any],
     usage: Callable[[Iterable[Completion]], dict[str, int]],
     log: Callable[[str, dict[str, int] | None], None],
 ) -> AsyncIterator[dict[str, str]]:
     """SSE events: each choice's text pieces in turn (the prompt first when echoing), its finish chunk,
-    then an optional usage chunk and ``[DONE]``. Choices are generated one after another in one slot."""
+    then an optional usage chunk and ``[DONE]``. The choices are generated side by side; their
+    events are sent one choice after another."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
 
@@ -265,47 +265,41 @@ async def _stream_completions(
         choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
         return {"data": json.dumps({**head, "choices": [choice], **extra}, ensure_ascii=False)}
 
-    def items(abandoned: threading.Event) -> Iterator[tuple[int, str | Completion]]:
-        for i, prompt in enumerate(prompts):
-            if abandoned.is_set():  # the client left: start no further choice
-                return
-            for item in completer.stream_text(prompt, gen, stop=stop):
-                yield i, item
-
     finals: list[Completion] = []
-    sent = ""
     try:
-        if body.echo:
-            yield event(0, prompts[0])
-        async with aclosing(in_slot(slots, items)) as pieces:
-            async for i, item in pieces:
-                if isinstance(item, str):
-                    if item:
-                        sent += item
-                        yield event(i, item)
-                    continue
-                if len(item.text) > len(sent) and item.text.startswith(sent):  # text the engine held back
-                    yield event(i, item.text[len(sent) :])
-                yield event(i, "", item.finish_reason)
-                finals.append(item)
-                sent = ""
-                if body.echo and i + 1 < len(prompts):
-                    yield event(i + 1, prompts[i + 1])
+        for i, stream in enumerate(streams):
+            if body.echo:
+                yield event(i, prompts[i])
+            async with aclosing(stream):
+                async for item in stream:
+                    if isinstance(item, str):
+                        if item:
+                            yield event(i, item)
+                        continue
+                    if json_mode:
+                        check_json([item])
+                    yield event(i, "", item.finish_reason)
+                    finals.append(item)
     except Exception as exc:  # the status line is sent already: an error event ends the stream
-        logger.exception("generation failed mid-stream", exc_info=exc)
+        if not isinstance(exc, RequestError):
+            logger.exception("generation failed mid-stream", exc_info=exc)
         for event_ in stream_error_events(exc):
             yield event_
         log("error mid-stream", None)
         return
+    finally:
+        for stream in streams:  # a client that left cancels the choices not yet read
+            await stream.aclose()
     if include_usage:
         yield {"data": json.dumps({**head, "choices": [], "usage": usage(finals)})}
     yield {"data": "[DONE]"}
     log("200 " + ",".join(c.finish_reason for c in finals), usage(finals))
 
 
-async def _run(slots: SlotRunner, fn: Callable[[], Any]) -> Any:
-    # shield: a cancelled request must not mark the future done while its thread still runs
-    return await asyncio.shield(await slots.start(fn))
+def _nth_seed(extras: SamplingExtras, k: int) -> SamplingExtras:
+    if k == 0 or extras.seed is None:
+        return extras
+    return dataclasses.replace(extras, seed=extras.seed + k)
 
 
 def _unsupported(engine: Engine, what: str, fix: str) -> RequestError:

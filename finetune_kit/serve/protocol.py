@@ -3,9 +3,9 @@
 Shapes follow ``openai/openai-openapi`` (``CreateChatCompletionRequest``/``Response``,
 ``CreateChatCompletionStreamResponse``, ``ListModelsResponse``); the ``ErrorResponse`` body is
 :meth:`finetune_kit.errors.RequestError.body`. Request fields the server cannot honour are
-rejected with a 400 naming the field rather than silently dropped; ``presence_penalty``,
-``frequency_penalty``, ``seed`` and ``user`` are accepted and ignored because common clients
-send them by default.
+rejected with a 400 naming the field rather than silently dropped; ``user`` is accepted and
+ignored. ``seed``, the two penalties, ``logit_bias`` and ``response_format`` come from
+:mod:`finetune_kit.serve.openai_sampling`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from finetune_kit.data.messages import Message, check_turns
 from finetune_kit.errors import RequestError
 from finetune_kit.models.engine import Completion
 from finetune_kit.models.generation import GenerationConfig
+from finetune_kit.serve.openai_sampling import SamplingFields
 
 MAX_STOP = 4
 _ROLES = ("system", "developer", "user", "assistant")
@@ -80,7 +81,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions`` body; unknown fields are ignored like the OpenAI API does."""
 
     model_config = ConfigDict(extra="ignore")
@@ -96,15 +97,10 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     do_sample: bool | None = None
-    # accepted and ignored
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    user: str | None = None
+    user: str | None = None  # accepted and ignored
     # rejected when used (see check_supported)
     tools: list[Any] | None = None
     logprobs: bool | None = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -131,11 +127,6 @@ class ChatCompletionRequest(BaseModel):
             raise RequestError("tools (function calling) are not supported by this server", param="tools")
         if self.logprobs:
             raise RequestError("logprobs are not supported by this server", param="logprobs")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise RequestError(
-                f"response_format {self.response_format.get('type')!r} is not supported; only 'text'",
-                param="response_format",
-            )
 
     def conversation(self) -> list[Message]:
         """Messages as the chat template wants them: optional system, then user/assistant turns ending
@@ -253,7 +244,7 @@ class ModelList(BaseModel):
 # Field names follow ollama/ollama api/types.go (GenerateRequest, ChatRequest, Message, ShowRequest,
 # Options). Like Go's decoder, unknown fields are ignored; like Options.FromMap, unknown option names are.
 class OllamaOptions(BaseModel):
-    """The ``options`` map: the ones a GenerationConfig can honour; ``seed`` and ``num_ctx`` are read and unused."""
+    """The ``options`` map: what the server can honour; ``num_ctx`` is read and unused."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -264,6 +255,8 @@ class OllamaOptions(BaseModel):
     repeat_penalty: float | None = Field(None, gt=0)
     stop: list[str] | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     num_ctx: int | None = None
 
     @field_validator("stop", mode="before")

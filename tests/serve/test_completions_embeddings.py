@@ -186,7 +186,7 @@ def test_raw_sse_wire_format(handle):
         ({"suffix": " the end."}, "suffix", "suffix (insert mode) is not supported"),
         ({"logprobs": 2}, "logprobs", "logprobs are not supported"),
         ({"best_of": 3}, "best_of", "best_of=3 is not supported"),
-        ({"logit_bias": {"50256": -100}}, "logit_bias", "logit_bias is not supported"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias", "vocabulary has 49152 tokens"),
         ({"prompt": [1, 2, 3]}, "prompt", "token-id prompts are not accepted"),
         ({"prompt": []}, "prompt", "non-empty list of strings"),
         ({"prompt": ""}, "prompt", "has no tokens"),  # SmolLM2's tokenizer adds no BOS

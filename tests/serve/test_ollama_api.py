@@ -360,14 +360,15 @@ def test_engine_failing_mid_stream_ends_with_an_error_line(scripted, fresh):
     assert whole.status_code == 500 and "the engine broke" in whole.json()["error"]
 
 
-def test_both_apis_share_the_generation_slots(scripted, fresh):
+def test_both_apis_share_one_concurrency_limit(engine, fresh):
     fresh.delay, fresh.peak = 0.2, 0
-    ol = ollama.Client(host=scripted.url)
-    oa = openai.OpenAI(api_key="0", base_url=scripted.base_url, max_retries=0)
-    calls = [lambda: ol.chat(model="scripted", messages=HELLO, stream=False).message.content] * 2
-    calls += [lambda: oa.chat.completions.create(model="x", messages=HELLO).choices[0].message.content] * 2
-    with ThreadPoolExecutor(4) as pool:
-        replies = list(pool.map(lambda call: call(), calls))
+    with Server(engine, ServeConfig(**LOCAL, max_concurrent=1)).start() as serial:
+        ol = ollama.Client(host=serial.url)
+        oa = openai.OpenAI(api_key="0", base_url=serial.base_url, max_retries=0)
+        calls = [lambda: ol.chat(model="scripted", messages=HELLO, stream=False).message.content] * 2
+        calls += [lambda: oa.chat.completions.create(model="x", messages=HELLO).choices[0].message.content] * 2
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda call: call(), calls))
     assert replies == ['{"answer": 42}'] * 4
     assert fresh.peak == 1  # max_concurrent=1 holds across /api and /v1
 
