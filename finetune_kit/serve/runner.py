@@ -152,7 +152,8 @@ class Runner:
 
         An engine without a scheduler gets them as one ``generate`` (chat) or ``complete`` (raw text) call."""
         if self._threads is not None:
-            return list(await asyncio.wrap_future(self._threads.batch(jobs)))
+            done: list[Completion] = await asyncio.wrap_future(self._threads.batch(jobs))
+            return done
         streams = [self.open(job) for job in jobs]
         return list(await asyncio.gather(*(_last(s) for s in streams)))
 
@@ -169,9 +170,18 @@ class Runner:
 
 
 async def _drain(items: asyncio.Queue[Item], ticket: Ticket) -> AsyncGenerator[str | Completion, None]:
+    """The items of one generation; text pieces that queued up while the consumer was busy go out as one piece."""
+    held: Item | None = None
     try:
         while True:
-            item = await items.get()
+            item = held if held is not None else await items.get()
+            held = None
+            while isinstance(item, str) and not items.empty():
+                following = items.get_nowait()
+                if not isinstance(following, str):
+                    held = following
+                    break
+                item += following
             if isinstance(item, BaseException):
                 raise item
             yield item
