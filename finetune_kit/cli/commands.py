@@ -20,6 +20,7 @@ from finetune_kit.evaluate.config import PredictConfig
 from finetune_kit.export.config import ExportConfig
 from finetune_kit.export.exporter import Exporter
 from finetune_kit.export.gguf_set import describe_gguf
+from finetune_kit.models.adapters import split_named_adapters
 from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.models.source import ModelSource
@@ -95,7 +96,11 @@ def export(argv: Sequence[str]) -> int:
 def api(argv: Sequence[str]) -> int:
     cfg = _parse(argv, COMMANDS["api"])
     if cfg is not None:
-        model = ModelSource.from_config(cfg[ModelConfig]).load()
+        model_cfg = cfg[ModelConfig]
+        chain, named = split_named_adapters(model_cfg.adapter_name_or_path or ())
+        model = ModelSource.from_config(model_cfg.with_(adapter_name_or_path=chain or None)).load()
+        if named:  # name=folder entries: served side by side, each chosen by the request's model
+            model = model.with_named_adapters(named)
         Server(model, config=cfg[ServeConfig], generation=cfg[GenerationConfig]).run()
     return 0
 

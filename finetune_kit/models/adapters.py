@@ -129,3 +129,20 @@ def add_named_adapters(model: Any, adapters: Mapping[str, str]) -> Any:
     multi.set_adapter(first[0])
     multi.eval()
     return multi
+
+
+def split_named_adapters(entries: Sequence[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """``adapter_name_or_path`` entries split into the chain applied in order (plain folders) and the
+    named ones (``name=folder``) a server loads side by side. An entry whose text is an existing
+    folder is always a folder, even if it contains ``=``."""
+    chain: list[str] = []
+    named: dict[str, str] = {}
+    for entry in entries:
+        name, sep, folder = entry.partition("=")
+        if not sep or Path(entry).expanduser().is_dir():
+            chain.append(entry)
+        elif name.strip() in named:
+            raise ValueError(f"adapter name {name.strip()!r} is given twice in adapter_name_or_path; names must differ")
+        else:
+            named[name.strip()] = folder.strip()
+    return tuple(chain), named

@@ -20,7 +20,9 @@ class ModelConfig(StageConfig):
         "or 'bundled:smollm2-135m-instruct' (offline default).",
     )
     adapter_name_or_path: tuple[str, ...] | None = option(
-        None, "LoRA adapter directories, comma separated; all are applied in order."
+        None,
+        "LoRA adapter directories, comma separated; all are applied in order. For `api`, name=folder entries "
+        "are served side by side instead, each as its own model.",
     )
     template: str | None = option(
         None, "Chat template name (chatml, qwen, llama3, smollm2, ...); none means the tokenizer's own."

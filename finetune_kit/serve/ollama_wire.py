@@ -9,6 +9,7 @@ defaults follow ``ollama/ollama``: ``server/routes.go`` (errors, load/unload ans
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ def unloads(keep_alive: float | str | None) -> bool:
     if keep_alive is None:
         return False
     if isinstance(keep_alive, (int, float)):
+        if not math.isfinite(keep_alive):  # JSON's 1e999 reads as infinity; Go's decoder refuses it
+            raise RequestError(f"keep_alive: got {keep_alive}; expected a finite number of seconds, e.g. 300 or -1")
         return int(keep_alive) == 0  # Ollama: a number is whole seconds
     text = keep_alive.strip().lstrip("+-")
     if text == "0":

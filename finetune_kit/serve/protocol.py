@@ -11,11 +11,12 @@ ignored. ``seed``, the two penalties, ``logit_bias`` and ``response_format`` com
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
 # imported only by serve/app.py, after Server has checked the serve extra (which brings pydantic)
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from finetune_kit.data.messages import Message, check_turns
 from finetune_kit.errors import RequestError
@@ -25,6 +26,10 @@ from finetune_kit.serve.openai_sampling import SamplingFields
 
 MAX_STOP = 4
 _ROLES = ("system", "developer", "user", "assistant")
+GREEDY_BELOW = 1e-5
+"""A temperature below this decodes greedily, as 0 does: logits divided by it overflow float32 (vLLM's rule)."""
+INT64 = (-(2**63), 2**63 - 1)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins a valid pair into one character
 
 
 def describe_validation_errors(errors: Any) -> RequestError:
@@ -41,6 +46,8 @@ def describe_validation_errors(errors: Any) -> RequestError:
             problems.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})")
         elif kind == "missing":
             problems.append(f"missing required parameter '{param}'" if param else "the request body is missing")
+        elif param is None and kind == "value_error":  # a whole-body check of ours (UnicodeBody)
+            problems.append(msg)
         elif param is None:
             problems.append(f"the request body must be a JSON object sent with Content-Type: application/json ({msg})")
         else:
@@ -49,6 +56,34 @@ def describe_validation_errors(errors: Any) -> RequestError:
             problems.append(f"invalid value for '{param}': {msg}" + (f" (got {got})" if shown else ""))
         params.append(param)
     return RequestError("; ".join(problems) or "invalid request", param=next((p for p in params if p), None))
+
+
+def lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where in a parsed JSON body a string (or key) holds a lone UTF-16 surrogate, or None when none does."""
+    if isinstance(value, str):
+        return (where or "the body") if _SURROGATE.search(value) else None
+    pairs = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in pairs:
+        shown = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else key
+        inner = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{shown}".lstrip(".")
+        if (found := lone_surrogate(key, inner) or lone_surrogate(item, inner)) is not None:
+            return found
+    return None
+
+
+class UnicodeBody(BaseModel):
+    """A request body whose every string is Unicode text. JSON can spell a lone surrogate (``"\\ud800"``),
+    but no tokenizer takes one and an answer quoting it cannot be encoded as UTF-8: a 400, not a 500."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        if (where := lone_surrogate(data)) is not None:
+            raise ValueError(
+                f"{where} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), which is not "
+                "Unicode text. Fix: send the text as valid UTF-8"
+            )
+        return data
 
 
 class ChatMessage(BaseModel):
@@ -81,7 +116,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, UnicodeBody):
     """``POST /v1/chat/completions`` body; unknown fields are ignored like the OpenAI API does."""
 
     model_config = ConfigDict(extra="ignore")
@@ -252,9 +287,10 @@ class OllamaOptions(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0)
     num_predict: int | None = None
-    repeat_penalty: float | None = Field(None, gt=0)
+    # within these bounds the logits it divides or multiplies stay finite in float32
+    repeat_penalty: float | None = Field(None, ge=1e-5, le=1e5)
     stop: list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])  # Go's int, as Ollama reads it
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     num_ctx: int | None = None
@@ -274,7 +310,7 @@ class OllamaMessage(BaseModel):
     tool_calls: list[Any] | None = None
 
 
-class OllamaRequest(BaseModel):
+class OllamaRequest(UnicodeBody):
     """What ``/api/chat`` and ``/api/generate`` share; ``stream`` absent or null means true."""
 
     model_config = ConfigDict(extra="ignore")
@@ -303,7 +339,7 @@ class OllamaGenerateRequest(OllamaRequest):
     images: list[str] | None = None
 
 
-class OllamaShowRequest(BaseModel):
+class OllamaShowRequest(UnicodeBody):
     """``/api/show``: ``model``, or ``name`` as older clients send it."""
 
     model_config = ConfigDict(extra="ignore")
@@ -313,7 +349,7 @@ class OllamaShowRequest(BaseModel):
     verbose: bool = False
 
 
-class OllamaEmbedRequest(BaseModel):
+class OllamaEmbedRequest(UnicodeBody):
     """``/api/embed``: ``input`` a string or a list; ``truncate`` absent means true."""
 
     model_config = ConfigDict(extra="ignore")
@@ -326,7 +362,7 @@ class OllamaEmbedRequest(BaseModel):
     keep_alive: float | str | None = None
 
 
-class OllamaEmbeddingsRequest(BaseModel):
+class OllamaEmbeddingsRequest(UnicodeBody):
     """The legacy ``/api/embeddings``: one ``prompt``."""
 
     model_config = ConfigDict(extra="ignore")
@@ -339,13 +375,13 @@ class OllamaEmbeddingsRequest(BaseModel):
 
 def sampling_changes(do_sample: bool | None, temperature: float | None, top_p: float | None) -> dict[str, Any]:
     """GenerationConfig changes for a request's sampling fields, the rule every route shares (LLaMA-Factory's):
-    ``do_sample`` when given, then temperature 0 or top_p 0 means greedy."""
+    ``do_sample`` when given, then temperature 0 (or below :data:`GREEDY_BELOW`) or top_p 0 means greedy."""
     changes: dict[str, Any] = {}
     if do_sample is not None:
         changes["do_sample"] = do_sample
     if temperature is not None:
         changes["temperature"] = temperature
-        if temperature == 0:
+        if temperature < GREEDY_BELOW:
             changes["do_sample"] = False
     if top_p is not None:
         changes.update({"do_sample": False} if top_p == 0 else {"top_p": top_p})

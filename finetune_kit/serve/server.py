@@ -166,7 +166,8 @@ class Server:
                 repr(self),
                 f"  model id: {name}",
                 f"  auth: {'Bearer key required on /v1 and /api' if cfg.api_key else 'open (any key is accepted)'}",
-                f"  concurrency: {cfg.max_concurrent} generating at once{limit}, the rest wait",
+                f"  concurrency: {cfg.max_concurrent} generating at once{limit}, up to {cfg.max_queued} more wait; "
+                "beyond that 429 (/v1) or 503 (/api)",
                 f"  defaults: {decoding}, max_new_tokens={gen.max_new_tokens}",
             ]
         )
@@ -182,7 +183,9 @@ class Server:
             **logging_config,
             "loggers": {**logging_config["loggers"], "finetune_kit": {"handlers": ["default"], "level": "INFO"}},
         }
-        print(f"Serving {name!r} with an OpenAI-compatible API at {url}/v1 and an Ollama-compatible one at {url}")
+        adapters = tuple(getattr(self.model, "adapter_names", ()))
+        also = f" (and its adapters {', '.join(repr(a) for a in adapters)})" if adapters else ""
+        print(f"Serving {name!r}{also} with an OpenAI-compatible API at {url}/v1 and an Ollama-compatible one at {url}")
         print(_curl_example(url, name, bool(self.config.api_key)))
         config = uvicorn.Config(app, log_level=log_level, log_config=log_config)
         try:
