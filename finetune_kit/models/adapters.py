@@ -99,8 +99,20 @@ def add_adapter(model: Any, folder: str) -> Any:
 
     path = check_adapter_dir(folder)
     base = merged_clone(model) if is_peft(model) else shared_clone(model)
-    with quiet_peft():
+    with quiet_peft(), kept_requires_grad(model):
         return PeftModel.from_pretrained(base, str(path))
+
+
+@contextmanager
+def kept_requires_grad(model: Any) -> Iterator[None]:
+    """Restore every parameter's ``requires_grad`` afterwards: peft freezes the tensors it wraps, and a
+    shared clone's tensors are the original model's."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
@@ -122,7 +134,7 @@ def add_named_adapters(model: Any, adapters: Mapping[str, str]) -> Any:
     paths = {name: check_adapter_dir(folder) for name, folder in adapters.items()}
     base = merged_clone(model) if is_peft(model) else shared_clone(model)
     first, *rest = paths.items()
-    with quiet_peft():
+    with quiet_peft(), kept_requires_grad(model):
         multi = PeftModel.from_pretrained(base, str(first[1]), adapter_name=first[0])
         for name, path in rest:
             multi.load_adapter(str(path), adapter_name=name)

@@ -103,6 +103,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._prefilling = 0  # admitted, not yet in the running batch
         self._cache_kw = _cache_keyword(lm.model)
         self._peak = 0
 
@@ -112,7 +113,8 @@ class BatchScheduler:
     def load(self) -> tuple[int, int]:
         """(running, waiting) right now."""
         with self._cond:
-            return len(self._running), len(self._waiting)
+            self._prune()
+            return len(self._running) + self._prefilling, len(self._waiting)
 
     @property
     def peak_batch(self) -> int:
@@ -122,14 +124,17 @@ class BatchScheduler:
     def submit(self, request: GenerationRequest, sink: Sink) -> Ticket:
         """Queue ``request``; ``sink`` then gets text pieces, one :class:`Completion` (or an exception),
         called from the worker thread. Raises :class:`Overloaded` when the queue is full."""
+        self._check(request)
         ticket = Ticket()
         seq = _Seq(self.lm, request, sink, ticket)
         with self._cond:
             if self._closed:
                 raise RuntimeError("this BatchScheduler is closed")
-            if len(self._waiting) >= self.max_queued + max(0, self.max_batch - len(self._running)):
+            self._prune()
+            busy = len(self._running) + self._prefilling
+            if len(self._waiting) >= self.max_queued + max(0, self.max_batch - busy):
                 raise Overloaded(
-                    f"{len(self._running)} generations are running and {len(self._waiting)} waiting "
+                    f"{busy} generations are running and {len(self._waiting)} waiting "
                     f"(the limit is {self.max_queued} waiting); retry later"
                 )
             self._waiting.append(seq)
@@ -142,6 +147,8 @@ class BatchScheduler:
         nothing else uses the model while it runs."""
         future: Future[Any] = Future()
         with self._cond:
+            if self._closed:
+                raise RuntimeError("this BatchScheduler is closed")
             self._calls.append((fn, future))
             self._ensure_thread()
             self._cond.notify()
@@ -172,6 +179,32 @@ class BatchScheduler:
 
     # -- worker -----------------------------------------------------------------------------------
 
+    def _check(self, request: GenerationRequest) -> None:
+        """Refuse what a shared batch cannot do, naming the fix."""
+        names = self.lm.adapter_names
+        if request.adapter is not None and request.adapter != BASE_ADAPTER and request.adapter not in names:
+            known = (
+                ", ".join(repr(n) for n in (BASE_ADAPTER, *names))
+                if names
+                else "none (the model has no named adapters)"
+            )
+            raise ValueError(f"adapter {request.adapter!r} is not loaded; the adapters are {known}")
+        if request.adapter is not None and not names:
+            raise ValueError(
+                f"adapter {request.adapter!r} was asked for, but this model has no named adapters. Fix: leave "
+                "adapter as None, or load some with LoadedModel.with_named_adapters({name: folder})"
+            )
+        if request.generation.num_beams > 1:
+            raise ValueError(
+                f"num_beams={request.generation.num_beams}: beam search cannot share a continuous batch. Fix: "
+                "num_beams=1, or LoadedModel.generate() for beam search"
+            )
+
+    def _prune(self) -> None:
+        """Forget waiting requests whose client cancelled them (called with the lock held)."""
+        if any(s.ticket.cancelled for s in self._waiting):
+            self._waiting = collections.deque(s for s in self._waiting if not s.ticket.cancelled)
+
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, daemon=True, name="finetune_kit-batching")
@@ -186,6 +219,9 @@ class BatchScheduler:
                     self._cond.wait()
                 if self._closed:
                     self._fail_all(RuntimeError("the server is shutting down"))
+                    for _, future in self._calls:
+                        future.set_exception(RuntimeError("the BatchScheduler was closed before this call ran"))
+                    self._calls.clear()
                     return
                 calls = list(self._calls)
                 self._calls.clear()
@@ -209,6 +245,7 @@ class BatchScheduler:
                         if not seq.done:
                             seq.sink(exc)
                     self._running, self._cache, self._mask = [], None, None
+                    self._prefilling = 0
 
     def _admit(self) -> list[_Seq]:
         """Waiting sequences that join now (called with the lock held)."""
@@ -224,6 +261,7 @@ class BatchScheduler:
                 break
             widest = widest2
             new.append(self._waiting.popleft())
+        self._prefilling = len(new)
         return new
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -287,6 +325,8 @@ class BatchScheduler:
 
         keep = [i for i, s in enumerate(new) if not s.done]
         if not keep:
+            with self._cond:
+                self._prefilling = 0
             return
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         if len(keep) < len(new):
@@ -309,6 +349,7 @@ class BatchScheduler:
         self._cache, self._mask = DynamicCache(layers), mask
         with self._cond:
             self._running = [*self._running, *joined]
+            self._prefilling = 0
 
     def _drop(self, gone: list[_Seq]) -> None:
         """Remove finished and cancelled sequences, then trim columns that are padding in every row."""

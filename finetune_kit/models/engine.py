@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from finetune_kit.data.template import Message
+from finetune_kit.errors import FinetuneKitError
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.models.sampling import NO_EXTRAS, SamplingExtras
 
@@ -116,7 +117,7 @@ class EmbeddingEngine(Protocol):
     ) -> list[list[float]]: ...
 
 
-class Overloaded(RuntimeError):
+class Overloaded(FinetuneKitError, RuntimeError):
     """Too many requests are waiting already; the client should retry later (a server answers 429 or 503)."""
 
 

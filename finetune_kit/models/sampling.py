@@ -41,6 +41,8 @@ class SamplingExtras:
             if not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name}: got {value}; expected a number from -2.0 to 2.0 (OpenAI's range)")
         for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise ValueError(f"logit_bias: {token!r} is not a token id; keys are token ids (integers, 0 or more)")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias[{token}]: got {bias}; expected a number from -100 to 100")
 

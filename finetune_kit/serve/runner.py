@@ -141,7 +141,10 @@ class Runner:
                 pass
 
         if self._scheduler is not None:
-            ticket = self._scheduler.submit(job.request(), sink)
+            try:
+                ticket = self._scheduler.submit(job.request(), sink)
+            except ValueError as exc:  # a setting the batch cannot honour (beam search)
+                raise RequestError(str(exc)) from exc
         else:
             assert self._threads is not None
             ticket = self._threads.submit(job, sink)
