@@ -104,7 +104,8 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
         body.check_supported()
         messages = body.conversation()
         adapter = runner.adapter_for(body.model)
-        gen = check_max_tokens(body.generation(generation), config, "max_tokens")
+        asked = "max_completion_tokens" if body.max_completion_tokens else "max_tokens" if body.max_tokens else None
+        gen = check_max_tokens(body.generation(generation), config, asked)
         extras = body.extras(vocab)
         runner.check_extras(extras)
         json_mode = body.json_mode(" ".join(m["content"] for m in messages))

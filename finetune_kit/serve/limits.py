@@ -41,10 +41,15 @@ def overloaded_response(path: str, exc: Exception) -> Any:
     )
 
 
-def check_max_tokens(gen: GenerationConfig, config: ServeConfig, param: str) -> GenerationConfig:
-    """``gen`` when its ``max_new_tokens`` is within ``max_tokens_limit``; a 400 naming ``param`` otherwise."""
+def check_max_tokens(gen: GenerationConfig, config: ServeConfig, param: str | None) -> GenerationConfig:
+    """``gen`` within ``max_tokens_limit``: a reply length the client asked for (in the field ``param``)
+    above the limit is a 400 naming it; the server's default (``param`` None) is lowered to the limit."""
     limit = config.max_tokens_limit
-    if limit is not None and gen.max_new_tokens > limit:
+    if limit is None or gen.max_new_tokens <= limit:
+        return gen
+    if param is None:
+        return gen.with_(max_new_tokens=limit)
+    if gen.max_new_tokens > limit:
         raise RequestError(
             f"{param} is {gen.max_new_tokens}, above this server's limit of {limit} tokens per reply. Fix: ask for "
             f"at most {limit} (the server's max_tokens_limit)",

@@ -154,7 +154,8 @@ def install_openai_extra_routes(
         if completer is None:
             raise _unsupported(engine, "continue raw text", "send the conversation to /v1/chat/completions")
         adapter = runner.adapter_for(body.model)
-        gen = check_max_tokens(body.generation(generation), config, "max_tokens")
+        asked = "max_tokens" if "max_tokens" in body.model_fields_set and body.max_tokens else None
+        gen = check_max_tokens(body.generation(generation), config, asked)
         extras = body.extras(vocab)
         runner.check_extras(extras)
         json_mode = body.json_mode(" ".join(body.prompt))

@@ -391,5 +391,8 @@ def sampling_changes(do_sample: bool | None, temperature: float | None, top_p: f
 def stream_error_events(exc: BaseException) -> list[dict[str, str]]:
     """The SSE events that end an OpenAI stream after a failure: the error in OpenAI's shape, then ``[DONE]``
     (the status line went out already)."""
-    error = RequestError(f"generation failed: {type(exc).__name__}: {exc}", status=500, type="server_error")
+    if isinstance(exc, RequestError):  # already in OpenAI's shape (e.g. a reply that is not the JSON asked for)
+        error = exc
+    else:
+        error = RequestError(f"generation failed: {type(exc).__name__}: {exc}", status=500, type="server_error")
     return [{"data": json.dumps(error.body())}, {"data": "[DONE]"}]
