@@ -173,18 +173,10 @@ class Runner:
 
 
 async def _drain(items: asyncio.Queue[Item], ticket: Ticket) -> AsyncGenerator[str | Completion, None]:
-    """The items of one generation; text pieces that queued up while the consumer was busy go out as one piece."""
-    held: Item | None = None
+    """The items of one generation, as the scheduler made them; the generation is cancelled when this ends."""
     try:
         while True:
-            item = held if held is not None else await items.get()
-            held = None
-            while isinstance(item, str) and not items.empty():
-                following = items.get_nowait()
-                if not isinstance(following, str):
-                    held = following
-                    break
-                item += following
+            item = await items.get()
             if isinstance(item, BaseException):
                 raise item
             yield item
