@@ -74,27 +74,12 @@ def load(name: str, device: str) -> Any:
     if name == "bundled":
         return ModelSource.bundled().load()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shape = SHAPES[name]
     tok_dir = tm.tokenizer_folder(None)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    cls = LlamaConfig if shape.arch == "llama" else Qwen2Config
-    cfg = cls(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        rope_theta=shape.rope_theta,
-        rms_norm_eps=shape.rms_norm_eps,
-        tie_word_embeddings=shape.tie_word_embeddings,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = tm.model_config(shape, tok)
     folder = Path(tempfile.mkdtemp(prefix=f"serve-{name}-"))
     cfg.save_pretrained(folder)  # the source folder: config and tokenizer only, the weights stay in memory
     tok.save_pretrained(folder)

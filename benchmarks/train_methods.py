@@ -224,28 +224,13 @@ def build_model(shape: Shape, folder: Path, tokenizer_dir: Path, device: str) ->
     if marker.is_file() and json.loads(marker.read_text()) == asdict(shape):
         return {"folder": str(folder), "reused": True}
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if len(tok) > shape.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} ids, more than the {shape.vocab_size} of {shape.name}")
-    cls = LlamaConfig if shape.arch == "llama" else Qwen2Config
-    cfg = cls(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        rope_theta=shape.rope_theta,
-        rms_norm_eps=shape.rms_norm_eps,
-        tie_word_embeddings=shape.tie_word_embeddings,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = model_config(shape, tok)
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it is fast (seconds for 8B on a GPU)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -270,6 +255,28 @@ def build_model(shape: Shape, folder: Path, tokenizer_dir: Path, device: str) ->
         "init_s": round(t1 - t0, 1),
         "save_s": round(time.perf_counter() - t1, 1),
     }
+
+
+def model_config(shape: Shape, tok: Any) -> Any:
+    """The transformers config of ``shape``, with ``tok``'s special token ids."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = LlamaConfig if shape.arch == "llama" else Qwen2Config
+    return cls(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        rope_theta=shape.rope_theta,
+        rms_norm_eps=shape.rms_norm_eps,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
 
 
 def free_memory() -> None:
