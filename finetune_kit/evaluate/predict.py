@@ -1,6 +1,6 @@
 """Batch generation over a dataset's prompts, written as LLaMA-Factory's prediction files.
 
-``generated_predictions.jsonl`` is streamed: each finished batch is appended to
+``generated_predictions.jsonl`` is streamed: finished records are appended, in order, to
 ``generated_predictions.jsonl.tmp`` (flushed, so ``tail -f`` shows progress and a crash keeps
 what was done), which is renamed to its final name only when every example is done.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -20,10 +21,10 @@ from finetune_kit._artifacts import PREDICTIONS as PREDICTIONS_FILE
 from finetune_kit._artifacts import write_record
 from finetune_kit._fs import write_json
 from finetune_kit.errors import OutputExistsError
+from finetune_kit.models.engine import BatchingEngine, Completion, Engine, GenerationRequest
 
 if TYPE_CHECKING:
     from finetune_kit.data.conversations import Conversations
-    from finetune_kit.models.engine import Engine
     from finetune_kit.models.generation import GenerationConfig
 Record = dict[str, str]
 
@@ -56,14 +57,18 @@ def generate_records(
 ) -> list[Record]:
     """Generate a reply to every example's prompt; one ``{prompt, predict, label}`` record each.
 
-    Batches of ``batch_size`` prompts go to :meth:`Engine.generate` (left-padded); after each
-    batch its records are appended to ``sink`` as JSON lines and flushed.
+    A :class:`BatchingEngine` (a :class:`LoadedModel`) decodes them in one continuous batch of
+    ``batch_size`` sequences (:func:`_continuous`); another engine gets batches of ``batch_size``
+    prompts through :meth:`Engine.generate` (left-padded). Records reach ``sink`` as JSON lines,
+    flushed, in the dataset's order as soon as every earlier one is done.
     """
     from tqdm.auto import tqdm
 
     examples = data.examples
     records: list[Record] = []
     with tqdm(total=len(examples), desc="Predicting", unit="example", disable=not progress) as bar:
+        if isinstance(model, BatchingEngine) and generation.num_beams == 1:
+            return _continuous(model, examples, generation, batch_size=batch_size, sink=sink, bar=bar)
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             prompts = [e.prompt_messages for e in chunk]
@@ -77,6 +82,66 @@ def generate_records(
                 sink.flush()
             records.extend(batch)
             bar.update(len(chunk))
+    return records
+
+
+def _continuous(
+    model: BatchingEngine,
+    examples: Sequence[Any],
+    generation: GenerationConfig,
+    *,
+    batch_size: int,
+    sink: Any,
+    bar: Any,
+) -> list[Record]:
+    """Every example through one continuous batch: a sequence that ends frees its place for the next
+    prompt at once, so no batch waits for its longest reply."""
+    assert isinstance(model, Engine)
+    prompts = [e.prompt_messages for e in examples]
+    ids = [model.encode_prompt(p) for p in prompts]
+    done: dict[int, Completion | BaseException] = {}
+    changed = threading.Condition()
+
+    def finisher(i: int) -> Any:
+        def put(item: Any) -> None:
+            if isinstance(item, (Completion, BaseException)):
+                with changed:
+                    done[i] = item
+                    changed.notify()
+
+        return put
+
+    scheduler = model.scheduler(max_batch=batch_size, max_queued=len(examples))
+    records: list[Record] = []
+    try:
+        for i, prompt in enumerate(ids):  # in order, so the file grows from its start
+            scheduler.submit(GenerationRequest(prompt, generation), finisher(i))
+        shown = 0
+        while len(records) < len(examples):
+            with changed:
+                changed.wait_for(lambda seen=shown: len(done) > seen)  # type: ignore[misc]
+                count = len(done)
+            bar.update(count - shown)
+            shown = count
+            batch: list[Record] = []
+            failure: BaseException | None = None
+            while len(records) + len(batch) in done:
+                i = len(records) + len(batch)
+                item = done[i]
+                if isinstance(item, BaseException):
+                    failure = item
+                    break
+                batch.append(
+                    {"prompt": model.render_prompt(prompts[i]), "predict": item.text, "label": examples[i].label}
+                )
+            if batch and sink is not None:  # what is done is kept, also when a later example failed
+                sink.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
+                sink.flush()
+            records.extend(batch)
+            if failure is not None:
+                raise failure
+    finally:
+        scheduler.close()
     return records
 
 

@@ -12,7 +12,7 @@ from finetune_kit.data.registry import DatasetRegistry
 from finetune_kit.errors import ConfigError, DatasetError, OutputExistsError
 from finetune_kit.evaluate import EVAL_GENERATION, EvalReport, Evaluator, PredictConfig
 from finetune_kit.evaluate.metrics import SCORE_KEYS
-from finetune_kit.models.loaded import LoadedModel
+from finetune_kit.models.batching import BatchScheduler
 
 RESULT_KEYS = {f"predict_{k}" for k in SCORE_KEYS} | {
     "predict_samples",
@@ -106,18 +106,19 @@ def test_overwrite_when_asked(tiny_llama, shop_test, tmp_path):
 
 
 def test_predictions_are_streamed_batch_by_batch(tiny_llama, shop_test, tmp_path, monkeypatch):
-    """A crash in the third batch leaves the first two batches on disk (LF writes only at the end)."""
-    original = LoadedModel.generate
+    """A crash when the fifth prompt joins the batch leaves the first four predictions on disk (LF writes only
+    at the end)."""
+    original = BatchScheduler._prefill
     calls = []
 
     def flaky(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 5:  # one sequence at a time: the fifth prompt joins after the first four ended
             raise RuntimeError("simulated crash")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(LoadedModel, "generate", flaky)
-    evaluator = Evaluator(tiny_llama).with_generation(max_new_tokens=2).with_config(per_device_eval_batch_size=2)
+    monkeypatch.setattr(BatchScheduler, "_prefill", flaky)
+    evaluator = Evaluator(tiny_llama).with_generation(max_new_tokens=2).with_config(per_device_eval_batch_size=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         evaluator.predict(shop_test.head(6), output_dir=tmp_path, progress=False)
     partial = tmp_path / "generated_predictions.jsonl.tmp"
