@@ -40,7 +40,7 @@ from finetune_kit.serve.protocol import (
 )
 
 LOCAL = dict(api_host="127.0.0.1", api_port=0, api_key=None, api_model_name=None)
-LIMIT = 4
+LIMIT = 2
 """The server's max_tokens_limit (and so its default reply length): a request asking for more gets a 400."""
 EXAMPLES = 30
 """Examples per route and mode; each POST route gets 2 * EXAMPLES from the schema plus EXAMPLES mutated bodies."""
