@@ -115,7 +115,7 @@ def _continuous(
     records: list[Record] = []
     try:
         for i, prompt in enumerate(ids):  # in order, so the file grows from its start
-            scheduler.submit(GenerationRequest(prompt, generation), finisher(i))
+            scheduler.submit(GenerationRequest(prompt, generation, stream=False), finisher(i))
         shown = 0
         while len(records) < len(examples):
             with changed:

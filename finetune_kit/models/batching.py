@@ -51,7 +51,12 @@ class _Seq:
         self.prompt = list(req.prompt)
         self.row: list[int] = []  # generated ids, the stop token included
         self.sampler = RowSampler(req.generation, req.extras, lm.device)
-        self.text = IncrementalText(lm.tokenizer, skip_special_tokens=req.generation.skip_special_tokens, stop=req.stop)
+        # text is followed token by token only when someone reads the pieces or a stop string must be seen
+        self.text = (
+            IncrementalText(lm.tokenizer, skip_special_tokens=req.generation.skip_special_tokens, stop=req.stop)
+            if req.stream or req.stop
+            else None
+        )
         self.stops = set(lm.stop_token_ids)
         limit = lm.context_length
         self.max_new = req.generation.max_new_tokens
@@ -64,15 +69,17 @@ class _Seq:
         self.row.append(token)
         if token in self.stops:
             self.done = True
+        elif self.text is None:
+            self.done = len(self.row) >= self.max_new
         else:
             piece = self.text.push(token)
-            if piece:
+            if piece and self.req.stream:
                 self.sink(piece)
             self.done = self.text.stopped or len(self.row) >= self.max_new
         if self.done:
             final = finish(self.lm, self.row, len(self.prompt), self.req.generation, self.req.stop)
-            sent = self.text.sent
-            if len(final.text) > len(sent) and final.text.startswith(sent):
+            sent = self.text.sent if self.text is not None and self.req.stream else ""
+            if self.req.stream and len(final.text) > len(sent) and final.text.startswith(sent):
                 self.sink(final.text[len(sent) :])  # a held-back tail that was no stop string
             self.sink(final)
 

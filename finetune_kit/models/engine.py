@@ -125,13 +125,15 @@ class Overloaded(FinetuneKitError, RuntimeError):
 class GenerationRequest:
     """One generation for a :class:`Scheduler`: the prompt's token ids, settings, stop strings, OpenAI
     sampling extras, and the LoRA adapter to use (``None``: the model as loaded; ``"__base__"``:
-    the base model without any adapter)."""
+    the base model without any adapter). ``stream`` false: the sink gets only the Completion (no text
+    pieces), which saves decoding text at every step."""
 
     prompt: Sequence[int]
     generation: GenerationConfig
     stop: Sequence[str] = ()
     extras: SamplingExtras = NO_EXTRAS
     adapter: str | None = None
+    stream: bool = True
 
 
 class Ticket:

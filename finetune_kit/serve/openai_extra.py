@@ -30,7 +30,7 @@ from typing import Any, Literal
 # imported only by serve/app.py, after Server has checked the serve extra
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from sse_starlette import EventSourceResponse
 
 from finetune_kit.errors import RequestError
@@ -40,7 +40,7 @@ from finetune_kit.models.sampling import SamplingExtras
 from finetune_kit.serve.config import ServeConfig
 from finetune_kit.serve.limits import check_max_tokens
 from finetune_kit.serve.openai_sampling import SamplingFields, check_json
-from finetune_kit.serve.protocol import MAX_STOP, StreamOptions, sampling_changes, stream_error_events
+from finetune_kit.serve.protocol import MAX_STOP, StreamOptions, UnicodeBody, sampling_changes, stream_error_events
 from finetune_kit.serve.runner import BASE_ADAPTER, Job, Runner
 
 logger = logging.getLogger("finetune_kit.serve")
@@ -59,7 +59,7 @@ def _texts(value: Any, field: str) -> Any:
     raise ValueError(f"{field} must be a string or a non-empty list of strings")
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, UnicodeBody):
     """``POST /v1/completions`` body; unknown fields are ignored like the OpenAI API does."""
 
     model_config = ConfigDict(extra="ignore")
@@ -121,7 +121,7 @@ class CompletionRequest(SamplingFields):
         return default.with_(max_new_tokens=self.max_tokens or DEFAULT_MAX_TOKENS, **changes)
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(UnicodeBody):
     """``POST /v1/embeddings`` body."""
 
     model_config = ConfigDict(extra="ignore")

@@ -24,7 +24,7 @@ MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 class SamplingFields(BaseModel):
     """Mixed into a request model: the sampling extras and ``response_format``."""
 
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -38,7 +38,7 @@ class SamplingFields(BaseModel):
         if len(value) > MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens; got {len(value)}")
         for key, bias in value.items():
-            if not key.strip().isdigit():
+            if not (key.strip().isascii() and key.strip().isdigit()):
                 raise ValueError(
                     f'logit_bias keys are token ids written as strings, e.g. {{"50256": -100}}; got {key!r}'
                 )

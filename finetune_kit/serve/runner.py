@@ -52,8 +52,8 @@ class Job:
     extras: SamplingExtras = NO_EXTRAS
     adapter: str | None = None
 
-    def request(self) -> GenerationRequest:
-        return GenerationRequest(self.prompt, self.generation, self.stop, self.extras, self.adapter)
+    def request(self, *, stream: bool = True) -> GenerationRequest:
+        return GenerationRequest(self.prompt, self.generation, self.stop, self.extras, self.adapter, stream=stream)
 
 
 def concurrency(engine: Engine, config: ServeConfig) -> int:
@@ -128,7 +128,7 @@ class Runner:
             param=field,
         )
 
-    def open(self, job: Job) -> AsyncGenerator[str | Completion, None]:
+    def open(self, job: Job, *, stream: bool = True) -> AsyncGenerator[str | Completion, None]:
         """Submit ``job`` now (raising :class:`Overloaded` when the queue is full) and return its items:
         text pieces, then one :class:`Completion`. Leaving the iteration early cancels the generation."""
         loop = asyncio.get_running_loop()
@@ -142,7 +142,7 @@ class Runner:
 
         if self._scheduler is not None:
             try:
-                ticket = self._scheduler.submit(job.request(), sink)
+                ticket = self._scheduler.submit(job.request(stream=stream), sink)
             except ValueError as exc:  # a setting the batch cannot honour (beam search)
                 raise RequestError(str(exc)) from exc
         else:
@@ -157,7 +157,7 @@ class Runner:
         if self._threads is not None:
             done: list[Completion] = await asyncio.wrap_future(self._threads.batch(jobs))
             return done
-        streams = [self.open(job) for job in jobs]
+        streams = [self.open(job, stream=False) for job in jobs]
         return list(await asyncio.gather(*(_last(s) for s in streams)))
 
     async def call(self, fn: Callable[[], Any]) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, currently_in_test_context, event, given, reject, settings
+from hypothesis import HealthCheck, Phase, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 from pydantic.json_schema import models_json_schema
 from schemathesis import GenerationMode
@@ -117,33 +117,7 @@ def ollama_schema():
     return schemathesis.openapi.from_dict(doc, config=SCHEMATHESIS)
 
 
-# ----- known 500s outside request validation, reproduced below until the routes are fixed -------------------
-# They are skipped rather than xfailed: Python 3.11.7 can raise SystemError ("AST constructor recursion depth
-# mismatch") while pytest formats a failure's source after Hypothesis has moved the recursion limit, and that
-# INTERNALERROR ends the whole session.
-def known_500(path: str, body: Any) -> str | None:
-    """Why ``body`` still gets a 500 from ``path``, or None. Each reason has an example in KNOWN below."""
-    if not path.startswith("/v1/") or not isinstance(body, dict):
-        return None
-    bias = body.get("logit_bias")
-    if isinstance(bias, dict) and any(k.strip().isdigit() and not k.strip().isascii() for k in bias):
-        return "a logit_bias key of non-ASCII digits"
-    if path in ("/v1/completions", "/v1/embeddings"):
-        texts = body.get("prompt" if path == "/v1/completions" else "input")
-        texts = texts if isinstance(texts, list) else [texts]
-        if any(isinstance(t, str) and t != t.encode("utf-8", "replace").decode() for t in texts):
-            return "a lone surrogate in the text"
-    return None
-
-
 HI = [{"role": "user", "content": "Hi"}]
-KNOWN = [
-    # SamplingFields._bias (openai_sampling.py) takes "²" as a digit (str.isdigit), then int("²") raises
-    ("/v1/chat/completions", {"messages": HI, "logit_bias": {"²": 1}}),
-    # openai_extra.py's _texts passes a lone surrogate to the tokenizer, which raises TypeError
-    ("/v1/completions", {"prompt": "Hi\ud800", "max_tokens": 2}),
-    ("/v1/embeddings", {"input": "Hi\ud800"}),
-]
 
 
 # ----- what every answer must look like ------------------------------------------------------------------
@@ -219,8 +193,6 @@ def sent(case: Any) -> str:
 def test_openai_routes_answer_schema_shaped_requests_below_500(handle, openai_schema, method, path, mode, data):
     case = data.draw(openai_schema[path][method].as_strategy(generation_mode=mode))
     case.body = cheap(case.body)
-    if known_500(path, case.body):
-        reject()
     check_openai(case.call(base_url=handle.url, timeout=60), sent(case))
 
 
@@ -307,8 +279,6 @@ def mutated(draw: Any, path: str, model: str) -> dict[str, Any]:
 @given(data=st.data())
 def test_valid_requests_with_garbage_fields_answer_below_500(handle, http, path, data):
     body = cheap(data.draw(mutated(path, handle.model_name)))
-    if known_500(path, body):
-        reject()
     content = json.dumps(body)  # NaN and Infinity as Python writes them, which the server's parser reads
     response = http.post(path, content=content, headers={"content-type": "application/json"})
     check(path, response, f"POST {path} {content[:1500]}")
@@ -359,6 +329,10 @@ FOUND = [
     ("/api/embed", {"input": ["Hi", "\ud800"]}, 400),
     ("/api/embeddings", {"prompt": "Hi\ud800"}, 400),
     ("/api/show", {"model": "\ud800"}, 400),
+    # a logit_bias key of non-ASCII digits ("²".isdigit() is true), a lone surrogate in raw text
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": 2, "logit_bias": {"²": 1}}, 400),
+    ("/v1/completions", {"prompt": "Hi\ud800", "max_tokens": 2}, 400),
+    ("/v1/embeddings", {"input": "Hi\ud800"}, 400),
     ("/api/chat", {"messages": HI, "stream": False, "keep_alive": "5\ud800m"}, 400),
 ]
 
@@ -369,17 +343,3 @@ def test_what_the_fuzzing_found_is_answered_below_500(handle, http, path, body, 
     response = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
     check(path, response, f"POST {path} {body}")
     assert response.status_code == status, response.text
-
-
-def test_the_fuzzing_skips_exactly_the_known_500s():
-    assert all(known_500(path, body) for path, body in KNOWN)
-    assert not any(known_500(path, {"model": "m", **body}) for path, body, _ in FOUND)
-
-
-@pytest.mark.parametrize(("path", "body"), KNOWN)
-def test_known_500s_outside_request_validation(handle, path, body):
-    with httpx.Client(base_url=handle.url, timeout=60) as client:  # a 500 closes its connection
-        response = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
-    if response.status_code >= 500:  # a skip, not an xfail (see known_500)
-        pytest.skip(f"known 500 from the route's own code: {response.text[:300]}")
-    check(path, response, f"POST {path} {body}")  # fixed: drop it from KNOWN and known_500()
