@@ -48,6 +48,8 @@ _EXPORTS = {
     "Evaluator": "finetune_kit.evaluate.evaluator",
     "EvalReport": "finetune_kit.evaluate.result",
     "PredictConfig": "finetune_kit.evaluate.config",
+    "BenchmarkConfig": "finetune_kit.evaluate.config",
+    "BenchmarkResult": "finetune_kit.evaluate.benchmark",
     "Exporter": "finetune_kit.export.exporter",
     "ExportConfig": "finetune_kit.export.config",
     "ExportedModel": "finetune_kit.export.result",
@@ -98,7 +100,8 @@ if TYPE_CHECKING:
         TemplateError,
         UnknownKeysError,
     )
-    from finetune_kit.evaluate.config import PredictConfig
+    from finetune_kit.evaluate.benchmark import BenchmarkResult
+    from finetune_kit.evaluate.config import BenchmarkConfig, PredictConfig
     from finetune_kit.evaluate.evaluator import Evaluator
     from finetune_kit.evaluate.result import EvalReport
     from finetune_kit.export.config import ExportConfig

@@ -38,12 +38,16 @@ PREDICT_RECORD = "finetune_kit_predict.json"
 PREDICTIONS = "generated_predictions.jsonl"
 PREDICT_RESULTS = "predict_results.json"
 ALL_RESULTS = "all_results.json"
+# benchmark save_dir (results.json and results.log are LLaMA-Factory's names)
+BENCHMARK_RECORD = "finetune_kit_benchmark.json"
+BENCHMARK_RESULTS = "results.json"
+BENCHMARK_LOG = "results.log"
 # merged export folder
 EXPORT_RECORD = "finetune_kit_export.json"
 # converted-checkpoint cache folder
 CACHE_RECORD = "finetune_kit_source.json"
 
-Kind = Literal["train", "predict", "export", "cache"]
+Kind = Literal["train", "predict", "benchmark", "export", "cache"]
 C = TypeVar("C")
 
 

@@ -57,6 +57,8 @@ EXPECTED = sorted(
         "EncodingConfig",
         "TokenizedDataset",
         "PredictConfig",
+        "BenchmarkConfig",
+        "BenchmarkResult",
         "ServerHandle",
         "FinetuneKitWarning",
         "UnknownKeysError",

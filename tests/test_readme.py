@@ -172,7 +172,7 @@ def config_classes() -> dict[str, type]:
     from finetune_kit.quickstart import QuickstartConfig
 
     classes = {cls for name, command in COMMANDS.items() for cls in command.sections if cls is not QuickstartConfig}
-    assert len(classes) == 12, sorted(c.__name__ for c in classes)
+    assert len(classes) == 13, sorted(c.__name__ for c in classes)
     return {cls.__name__: cls for cls in classes}
 
 

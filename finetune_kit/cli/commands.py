@@ -10,13 +10,22 @@ from pathlib import Path
 from typing import Any
 
 from finetune_kit._version import __version__
-from finetune_kit.cli.workflows import plan_run, run_chat, run_data_check, run_predict, run_train, train_checks
+from finetune_kit.cli.workflows import (
+    eval_checks,
+    plan_run,
+    run_benchmark,
+    run_chat,
+    run_data_check,
+    run_predict,
+    run_train,
+    train_checks,
+)
 from finetune_kit.config.base import StageConfig
 from finetune_kit.config.parse import Built, Check, build, collect, describe
 from finetune_kit.config.run import RunConfig
 from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.environment import Environment
-from finetune_kit.evaluate.config import PredictConfig
+from finetune_kit.evaluate.config import BenchmarkConfig, PredictConfig
 from finetune_kit.export.config import ExportConfig
 from finetune_kit.export.exporter import Exporter
 from finetune_kit.export.gguf_set import describe_gguf
@@ -76,7 +85,9 @@ def train(argv: Sequence[str]) -> int:
 
 def evaluate(argv: Sequence[str]) -> int:
     cfg = _parse(argv, COMMANDS["eval"])
-    if cfg is not None:
+    if cfg is not None and cfg[BenchmarkConfig].task is not None:
+        run_benchmark(cfg[ModelConfig], cfg[BenchmarkConfig])
+    elif cfg is not None:
         run_predict(cfg[ModelConfig], cfg[DataConfig], cfg[GenerationConfig], cfg[PredictConfig])
     return 0
 
@@ -173,10 +184,12 @@ COMMANDS: dict[str, Command] = {
         (train_checks,),
     ),
     "eval": Command(
-        "eval config.yaml eval_dataset=NAME output_dir=DIR ...",
-        "generate on eval_dataset and score ROUGE/BLEU (predict)",
+        "eval config.yaml task=mmlu_test task_dir=DIR ... | eval config.yaml eval_dataset=NAME output_dir=DIR ...",
+        "score MMLU/CMMLU/C-Eval (task, task_dir, n_shot, lang, save_dir), or generate on eval_dataset and score "
+        "ROUGE/BLEU (predict)",
         evaluate,
-        (ModelConfig, MethodConfig, LoraConfig, DataConfig, GenerationConfig, PredictConfig),
+        (ModelConfig, MethodConfig, LoraConfig, DataConfig, GenerationConfig, PredictConfig, BenchmarkConfig),
+        (eval_checks,),
     ),
     "export": Command(
         "export --model_name_or_path M --adapter_name_or_path A --export_dir D",

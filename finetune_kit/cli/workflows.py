@@ -16,7 +16,7 @@ from finetune_kit.data.conversations import Conversations, ConversationStream
 from finetune_kit.data.registry import DatasetRegistry
 from finetune_kit.data.report import REPORT_JSON, REPORT_PLOT, DataReport, build_report, check_rows
 from finetune_kit.errors import ConfigError
-from finetune_kit.evaluate.config import PredictConfig
+from finetune_kit.evaluate.config import BenchmarkConfig, PredictConfig
 from finetune_kit.evaluate.evaluator import Evaluator
 from finetune_kit.models.config import ModelConfig
 from finetune_kit.models.engine import Completion
@@ -136,12 +136,49 @@ def _predict(
     say(f"Predictions: {report.output_dir}")
 
 
+def eval_checks(built: Built) -> list[str]:
+    """Cross-section rules of ``finetune-kit eval``: a benchmark (``task``) or a prediction (``eval_dataset``)."""
+    bench, data = built[BenchmarkConfig], built[DataConfig]
+    if bench.task is not None and data.eval_dataset:
+        return [
+            f"task ({bench.task}) and eval_dataset ({','.join(data.eval_dataset)}) ask for two different runs: a "
+            "benchmark and a prediction. Fix: keep one of them (run eval twice for both)"
+        ]
+    unused = bench.unused_keys()
+    if unused:
+        return [
+            f"{', '.join(unused)} set the benchmark, but no task names one. Fix: add task: mmlu_test (or cmmlu_test, "
+            "ceval_validation), or remove them"
+        ]
+    return []
+
+
+def run_benchmark(model_cfg: ModelConfig, bench: BenchmarkConfig) -> None:
+    """``finetune-kit eval task=...``: LLaMA-Factory's ``llamafactory-cli eval``, on local benchmark files."""
+    assert bench.task is not None  # the caller dispatches on it
+    evaluator = Evaluator(ModelSource.from_config(model_cfg).load())
+    result = evaluator.benchmark(
+        bench.task,
+        task_dir=bench.task_dir,
+        n_shot=bench.n_shot,
+        lang=bench.lang,
+        batch_size=bench.batch_size,
+        seed=bench.seed,
+        scoring=bench.scoring,
+        save_dir=bench.save_dir,
+        subjects=bench.subjects,
+    )
+    say(result.format())
+    if result.save_dir is not None:
+        say(f"\nResults: {result.save_dir}")
+
+
 def run_predict(model_cfg: ModelConfig, data: DataConfig, generation: GenerationConfig, predict: PredictConfig) -> None:
     problems = []
     if not data.eval_dataset:
         problems.append(
-            "eval needs eval_dataset. Fix: eval_dataset: name (from dataset_dir/dataset_info.json); "
-            "MMLU/CMMLU/C-Eval tasks are planned"
+            "eval needs eval_dataset (a prediction) or task (a benchmark). Fix: eval_dataset: name (from "
+            "dataset_dir/dataset_info.json), or task: mmlu_test with task_dir"
         )
     if not predict.output_dir:
         problems.append("eval needs output_dir for generated_predictions.jsonl. Fix: output_dir: saves/predict")

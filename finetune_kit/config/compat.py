@@ -16,6 +16,7 @@ IGNORED: dict[str, str] = {
     "logging_dir": "trackers log under output_dir",
     "save_only_model": "checkpoints always keep the optimizer state, so they stay resumable",
     "quantization_device_map": "quantized weights are always placed on this process's own GPU",
+    "download_mode": "benchmarks are read from task_dir; nothing is downloaded",
     # encoding keys matter to `train` only; eval/export/api/chat YAMLs often carry them too
     "preprocessing_num_workers": "only training encodes examples",
     "overwrite_cache": "only training encodes examples",
@@ -44,10 +45,6 @@ UNSUPPORTED: dict[str, str] = {
     **{
         k: "reward-model and PPO stages are not supported; use stage: dpo or kto"
         for k in ("reward_model", "ppo_epochs")
-    },
-    **{
-        k: "MMLU/CMMLU/C-Eval evaluation is planned"
-        for k in ("task", "task_dir", "n_shot", "lang", "save_dir", "batch_size")
     },
     **{
         k: "this adapter variant is not supported; LoRA (with DoRA, rsLoRA, PiSSA, LoRA+), freeze and full are"

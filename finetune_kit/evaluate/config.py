@@ -1,10 +1,13 @@
-"""Prediction settings: LLaMA-Factory's ``do_predict`` keys, under the ``predict`` section."""
+"""Evaluation settings: LLaMA-Factory's ``do_predict`` keys (``predict``) and its benchmark keys (``benchmark``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal
 
 from finetune_kit.config.base import StageConfig, option
+from finetune_kit.errors import ConfigError, did_you_mean
+from finetune_kit.evaluate.benchmark_data import resolve_task
 
 
 @dataclass(frozen=True, repr=False)
@@ -44,3 +47,66 @@ class PredictConfig(StageConfig):
         if self.output_dir is not None and not self.output_dir.strip():
             problems.append("output_dir: got an empty string; expected a folder path, or none to write nothing")
         return problems
+
+
+@dataclass(frozen=True, repr=False)
+class BenchmarkConfig(StageConfig):
+    """Which benchmark to score and how: the keys of LLaMA-Factory's ``llamafactory-cli eval``.
+
+    ``task`` is LLaMA-Factory's ``<benchmark>_<split>`` (``mmlu_test``, ``cmmlu_test``,
+    ``ceval_validation``) or a bare benchmark name, which takes that benchmark's usual split.
+    ``scoring`` is ours: ``letter`` is LLaMA-Factory's recipe, ``loglikelihood`` lm-evaluation-harness's.
+    Example::
+
+        config = BenchmarkConfig(task="mmlu_test", task_dir="data/mmlu", n_shot=5, save_dir="saves/mmlu")
+    """
+
+    section = "benchmark"
+
+    task: str | None = option(
+        None, "Benchmark and split: mmlu_test, cmmlu_test or ceval_validation (mmlu, cmmlu, ceval: the usual split)."
+    )
+    task_dir: str = option(
+        "evaluation", "Folder with the benchmark's CSV files in its released layout (or with mmlu/, cmmlu/, ceval/)."
+    )
+    lang: Literal["en", "zh"] | None = option(
+        None, "Prompt wording, en or zh (default: the benchmark's own: en for mmlu, zh for cmmlu and ceval)."
+    )
+    n_shot: int = option(5, "Solved dev-split questions shown before each question.")
+    batch_size: int = option(8, "Questions scored together in one left-padded forward pass.")
+    seed: int = option(42, "Seed of the exemplar draws of letter scoring (LLaMA-Factory's shuffle).")
+    save_dir: str | None = option(
+        None, "Folder for results.json and results.log; must be new or empty (default: nothing is written)."
+    )
+    scoring: Literal["letter", "loglikelihood"] = option(
+        "letter", "letter: LLaMA-Factory's (next-token A/B/C/D); loglikelihood: lm-evaluation-harness's."
+    )
+    subjects: tuple[str, ...] | None = option(
+        None, "Score only these subjects, comma separated (default: every subject file in task_dir)."
+    )
+
+    def _check(self) -> list[str]:
+        problems = []
+        if self.n_shot < 0:
+            problems.append(f"n_shot: got {self.n_shot}; expected 0 or more (5 is the usual)")
+        if self.batch_size < 1:
+            problems.append(f"batch_size: got {self.batch_size}; expected a positive integer such as 8")
+        if self.save_dir is not None and not self.save_dir.strip():
+            problems.append("save_dir: got an empty string; expected a folder path, or none to write nothing")
+        if self.task is not None:
+            try:
+                spec, _ = resolve_task(self.task, None)
+            except ConfigError as exc:
+                problems += exc.problems
+            else:
+                for subject in [s for s in self.subjects or () if s not in spec.subjects]:
+                    hint = did_you_mean(subject, spec.subjects)
+                    problems.append(f"subjects: {subject!r} is not a {spec.title} subject.{hint}")
+        return problems
+
+    def unused_keys(self) -> list[str]:
+        """Keys set away from their defaults although no ``task`` asks for a benchmark."""
+        if self.task is not None:
+            return []
+        defaults = BenchmarkConfig()
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]

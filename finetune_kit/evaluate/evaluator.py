@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from finetune_kit._artifacts import provenance
 from finetune_kit.data.conversations import Conversations
-from finetune_kit.errors import DatasetError
+from finetune_kit.errors import ConfigError, DatasetError
 from finetune_kit.evaluate import predict as pred
-from finetune_kit.evaluate.config import PredictConfig
+from finetune_kit.evaluate.benchmark import BenchmarkResult, run_benchmark
+from finetune_kit.evaluate.benchmark_data import resolve_task
+from finetune_kit.evaluate.config import BenchmarkConfig, PredictConfig
 from finetune_kit.evaluate.metrics import generation_scores, require_metrics
 from finetune_kit.evaluate.result import EvalReport
 from finetune_kit.models.engine import Engine
 from finetune_kit.models.generation import DEFAULT_GENERATION, GenerationConfig
 from finetune_kit.models.loadable import as_engine
+from finetune_kit.models.loaded import LoadedModel
 
 EVAL_GENERATION = DEFAULT_GENERATION.with_(max_new_tokens=128)
 """The library's greedy default, capped at 128 new tokens: deterministic, so two runs' scores compare."""
@@ -137,6 +142,62 @@ class Evaluator:
         return EvalReport(
             scores=scores, records=tuple(records), output_dir=out, num_samples=len(records), runtime_s=runtime
         )
+
+    def benchmark(
+        self,
+        task: str,
+        *,
+        task_dir: str | os.PathLike[str],
+        split: str | None = None,
+        n_shot: int = 5,
+        lang: Literal["en", "zh"] | None = None,
+        batch_size: int = 8,
+        seed: int = 42,
+        scoring: Literal["letter", "loglikelihood"] = "letter",
+        save_dir: str | os.PathLike[str] | None = None,
+        subjects: Sequence[str] | None = None,
+        template: str | None = None,
+        progress: bool = True,
+    ) -> BenchmarkResult:
+        """Few-shot multiple-choice accuracy on MMLU, CMMLU or C-Eval, read from local CSV files.
+
+        ``task`` is ``"mmlu"``, ``"cmmlu"``, ``"ceval"`` or LLaMA-Factory's ``"mmlu_test"``,
+        ``"cmmlu_test"``, ``"ceval_validation"``; ``task_dir`` the folder holding the benchmark's
+        ``dev/`` and ``test/`` (or ``val/``) folders as released. ``scoring="letter"`` is
+        LLaMA-Factory's recipe (chat-template prompt, ``n_shot`` exemplars shuffled with ``seed``,
+        softmax over the A/B/C/D logits); ``"loglikelihood"`` is lm-evaluation-harness's (raw text,
+        the first ``n_shot`` dev questions, log-likelihood of each choice). ``lang`` picks the
+        wording (default: the benchmark's language); ``template`` a named chat template for the
+        letter prompts instead of the model's (LLaMA-Factory's tutorial uses ``"fewshot"``);
+        ``subjects`` limits the run. With ``save_dir``, ``results.json`` and ``results.log`` are
+        written there (it must be new or empty). Example::
+
+            result = Evaluator(model).benchmark("mmlu_test", task_dir="data/mmlu", template="fewshot")
+            print(result.format())
+        """
+        if not isinstance(self.model, LoadedModel):
+            raise TypeError(
+                f"benchmark() scores from the model's logits, so it needs a LoadedModel; this Evaluator holds "
+                f"{type(self.model).__name__}. Fix: Evaluator(ModelSource(...).load()).benchmark(...)"
+            )
+        if template is not None and scoring != "letter":
+            raise ConfigError(
+                f"template: got {template!r}, but {scoring} scoring writes raw text without a chat template "
+                "(as lm-evaluation-harness does). Fix: leave template out, or use scoring='letter'"
+            )
+        spec, chosen = resolve_task(task, split)
+        config = BenchmarkConfig(
+            task=f"{spec.name}_{chosen}",
+            task_dir=os.fspath(task_dir),
+            lang=lang,
+            n_shot=n_shot,
+            batch_size=batch_size,
+            seed=seed,
+            save_dir=os.fspath(save_dir) if save_dir is not None else None,
+            scoring=scoring,
+            subjects=tuple([subjects] if isinstance(subjects, str) else subjects) if subjects is not None else None,
+        )
+        return run_benchmark(self.model, config, template=template, progress=progress)
 
     def _record(self, data: Conversations, cfg: PredictConfig) -> dict[str, Any]:
         return provenance(
