@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     work = Path(opts.work or tempfile.mkdtemp(prefix="predict-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if opts.model == "bundled":
         source = ModelSource.bundled()
