@@ -17,7 +17,7 @@ Greedy rows with no adjustment are chosen with one ``argmax`` for the whole batc
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,6 +45,13 @@ class SamplingExtras:
                 raise ValueError(f"logit_bias: {token!r} is not a token id; keys are token ids (integers, 0 or more)")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias[{token}]: got {bias}; expected a number from -100 to 100")
+
+    def for_choice(self, index: int) -> SamplingExtras:
+        """These extras for choice ``index`` of a request with several (``n``): a seeded request gives
+        each choice its own seed (``seed + index``), so the choices differ from each other."""
+        if index == 0 or self.seed is None:
+            return self
+        return replace(self, seed=self.seed + index)
 
     @property
     def penalizes(self) -> bool:

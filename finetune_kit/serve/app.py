@@ -53,7 +53,7 @@ from finetune_kit.serve.protocol import (
     describe_validation_errors,
     stream_error_events,
 )
-from finetune_kit.serve.runner import BASE_ADAPTER, Job, Runner
+from finetune_kit.serve.runner import Job, Runner
 from finetune_kit.serve.webchat import install_webchat_routes
 
 logger = logging.getLogger("finetune_kit.serve")
@@ -123,7 +123,7 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
         stop = body.stop or []
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         job = Job(prompt, gen, stop, messages=messages, extras=extras, adapter=adapter)
-        served = adapter if adapter is not None and adapter != BASE_ADAPTER else name
+        served = runner.served_name(adapter)
 
         def log(status: str, usage: Usage | None) -> None:
             if config.api_verbose:
@@ -150,7 +150,7 @@ def create_app(engine: Engine, config: ServeConfig, generation: GenerationConfig
             )
             return EventSourceResponse(events, sep="\n")
 
-        done = await runner.complete([_seeded(job, i) for i in range(body.n)])
+        done = await runner.complete([dataclasses.replace(job, extras=job.extras.for_choice(i)) for i in range(body.n)])
         if json_mode:
             check_json(done)
         usage = Usage.of(done)
@@ -210,13 +210,6 @@ async def _stream(
         yield event(None, usage)
     yield {"data": "[DONE]"}
     log(f"200 {final.finish_reason}", usage)
-
-
-def _seeded(job: Job, index: int) -> Job:
-    """Choice ``index`` of a request with ``n`` > 1: its own seed, so seeded choices differ from each other."""
-    if index == 0 or job.extras.seed is None:
-        return job
-    return dataclasses.replace(job, extras=dataclasses.replace(job.extras, seed=job.extras.seed + index))
 
 
 def _vocab_size(engine: Engine) -> int | None:

@@ -17,7 +17,6 @@ mean what they mean on ``/v1/chat/completions``.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import logging
 import struct
@@ -36,12 +35,11 @@ from sse_starlette import EventSourceResponse
 from finetune_kit.errors import RequestError
 from finetune_kit.models.engine import Completion, EmbeddingEngine, Engine, TextCompletionEngine
 from finetune_kit.models.generation import GenerationConfig
-from finetune_kit.models.sampling import SamplingExtras
 from finetune_kit.serve.config import ServeConfig
 from finetune_kit.serve.limits import check_max_tokens
 from finetune_kit.serve.openai_sampling import SamplingFields, check_json
 from finetune_kit.serve.protocol import MAX_STOP, StreamOptions, UnicodeBody, sampling_changes, stream_error_events
-from finetune_kit.serve.runner import BASE_ADAPTER, Job, Runner
+from finetune_kit.serve.runner import Job, Runner
 
 logger = logging.getLogger("finetune_kit.serve")
 DEFAULT_MAX_TOKENS = 16
@@ -179,12 +177,12 @@ def install_openai_extra_routes(
         stop, rid, created = body.stop or [], f"cmpl-{uuid.uuid4().hex}", int(time.time())
         # choice i answers prompt i // n; a seeded request gives each of its n choices its own seed
         jobs = [
-            Job(p, gen, stop, text=text, adapter=adapter, extras=_nth_seed(extras, k))
+            Job(p, gen, stop, text=text, adapter=adapter, extras=extras.for_choice(k))
             for text, p in zip(body.prompt, ids, strict=True)
             for k in range(body.n)
         ]
         prompts = [job.text or "" for job in jobs]
-        served = adapter if adapter is not None and adapter != BASE_ADAPTER else runner.name
+        served = runner.served_name(adapter)
         head = {"id": rid, "object": "text_completion", "created": created, "model": served}
 
         def usage(done: Iterable[Completion]) -> dict[str, int]:
@@ -295,12 +293,6 @@ async def _stream_completions(
         yield {"data": json.dumps({**head, "choices": [], "usage": usage(finals)})}
     yield {"data": "[DONE]"}
     log("200 " + ",".join(c.finish_reason for c in finals), usage(finals))
-
-
-def _nth_seed(extras: SamplingExtras, k: int) -> SamplingExtras:
-    if k == 0 or extras.seed is None:
-        return extras
-    return dataclasses.replace(extras, seed=extras.seed + k)
 
 
 def _unsupported(engine: Engine, what: str, fix: str) -> RequestError:

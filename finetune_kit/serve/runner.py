@@ -109,6 +109,10 @@ class Runner:
             code="model_not_found",
         )
 
+    def served_name(self, adapter: str | None) -> str:
+        """The model id a response carries: the adapter's name, else the served model's."""
+        return adapter if adapter is not None and adapter != BASE_ADAPTER else self.name
+
     def check_extras(self, extras: SamplingExtras) -> None:
         """Refuse OpenAI extras an engine without a scheduler cannot honour (400 naming the field)."""
         if self.batched or extras == NO_EXTRAS:
