@@ -1,6 +1,6 @@
 """The package's import graph: stages point one way and nothing imports in a circle.
 
-data -> models -> train -> evaluate / export -> serve, with cli and quickstart on top and the
+data -> models -> train -> evaluate / export -> serve, with cli, quickstart and webui on top and the
 foundation (errors, config, the artifact module, ...) under everything. Function-level and
 ``TYPE_CHECKING`` imports count for the direction; run-time imports must also have no cycle.
 """
@@ -11,7 +11,17 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "finetune_kit"
-RANKS = {"data": 1, "models": 2, "train": 3, "evaluate": 4, "export": 4, "serve": 5, "cli": 6, "quickstart": 6}
+RANKS = {
+    "data": 1,
+    "models": 2,
+    "train": 3,
+    "evaluate": 4,
+    "export": 4,
+    "serve": 5,
+    "cli": 6,
+    "quickstart": 6,
+    "webui": 6,
+}
 
 
 def module_name(path: Path) -> str:

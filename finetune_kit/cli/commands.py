@@ -38,6 +38,7 @@ from finetune_kit.serve.config import ServeConfig
 from finetune_kit.serve.server import Server
 from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
 from finetune_kit.train.distributed import is_main_process, plan_launch, run_launch
+from finetune_kit.webui import launch as launch_board
 
 
 def _parse(argv: Sequence[str], command: Command) -> Built | None:
@@ -150,6 +151,12 @@ def data(argv: Sequence[str]) -> int:
     return run_data_check(cfg[DataConfig], cfg[ModelConfig], cfg[EncodingConfig])
 
 
+def webui(argv: Sequence[str]) -> int:
+    if _parse(argv, COMMANDS["webui"]) is not None:
+        launch_board()
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """One ``finetune-kit`` command: what ``--help`` and the usage list say, what it parses, what runs."""
@@ -231,6 +238,11 @@ COMMANDS: dict[str, Command] = {
             GenerationConfig,
             PredictConfig,
         ),
+    ),
+    "webui": Command(
+        "webui   (GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, GRADIO_SHARE)",
+        "the browser board: train, watch, evaluate, export and chat without writing YAML (needs the webui extra)",
+        webui,
     ),
     "version": Command("version", "print the version", version),
 }

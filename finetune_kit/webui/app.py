@@ -76,7 +76,8 @@ def build_app(board: Board | None = None, *, lang: str | None = None) -> Any:
         if lang is None:
             demo.load(None, None, lang_menu, js=_BROWSER_LANG)
         demo.load(lambda: gr.Timer(active=board.run.status().active), None, timer)
-    demo.finetune_kit_board = board
+    demo.finetune_kit_board = board  # for tests and notebooks: the state behind the page
+    demo.finetune_kit_labels = labels
     return demo
 
 

@@ -164,7 +164,7 @@ def _extra(text: str) -> dict[str, Any]:
         raise ConfigError(f"the extra keys are not valid YAML: {exc}", header="Invalid extra keys") from exc
     if not isinstance(data, dict):
         raise ConfigError(
-            f"the extra keys must be 'key: value' lines, got {type(data).__name__}. Fix: e.g. lora_dropout: 0.05",
+            f"the extra keys must be 'key: value' lines, got {type(data).__name__}. Fix: e.g. weight_decay: 0.01",
             header="Invalid extra keys",
         )
     return {str(k): v for k, v in data.items()}

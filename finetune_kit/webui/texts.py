@@ -65,8 +65,8 @@ TEXTS: dict[str, tuple[str, str]] = {
     "lora_target.info": ("all, or names such as q_proj,v_proj", "all，或模块名如 q_proj,v_proj"),
     "extra": ("Other keys (YAML)", "其他参数（YAML）"),
     "extra.info": (
-        "any finetune-kit train key, e.g. lora_dropout: 0.05",
-        "任意 finetune-kit train 参数，如 lora_dropout: 0.05",
+        "any finetune-kit train key, e.g. weight_decay: 0.01",
+        "任意 finetune-kit train 参数，如 weight_decay: 0.01",
     ),
     "hyper": ("Hyperparameters", "超参数"),
     "lora": ("LoRA", "LoRA"),

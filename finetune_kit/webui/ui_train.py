@@ -119,7 +119,7 @@ def build(board: Board, labels: Labels, row: ModelRow) -> Any:
             fields["lora_target"] = labels(
                 gr.Textbox(value=start["lora_target"], **labels.kw("lora_target")), "lora_target"
             )
-    extra = labels(gr.Textbox(lines=2, placeholder="lora_dropout: 0.05", **labels.kw("extra")), "extra")
+    extra = labels(gr.Textbox(lines=2, placeholder="weight_decay: 0.01", **labels.kw("extra")), "extra")
     with gr.Row():
         fields["output_dir"] = labels(
             gr.Textbox(value=start["output_dir"], scale=3, **labels.kw("output_dir")), "output_dir"
