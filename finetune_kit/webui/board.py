@@ -98,7 +98,7 @@ def shown_errors(lang: str, action: Callable[[], str]) -> str:
     try:
         return action()
     except Exception as exc:  # the page shows every failure; nothing escapes into gradio's generic toast
-        _log(exc)
+        log_error(exc)
         return error_text(exc, lang)
 
 
@@ -109,7 +109,7 @@ def panel(lang: str, action: Callable[[], tuple[str, str]]) -> tuple[Any, str]:
     try:
         shown, note = action()
     except Exception as exc:
-        _log(exc)
+        log_error(exc)
         return gr.skip(), error_text(exc, lang)
     return gr.update(value=shown, visible=True), note
 
@@ -119,11 +119,11 @@ def streamed_errors(lang: str, stream: Callable[[], Iterator[Any]], wrap: Callab
     try:
         yield from stream()
     except Exception as exc:
-        _log(exc)
+        log_error(exc)
         yield wrap(error_text(exc, lang))
 
 
-def _log(exc: Exception) -> None:
+def log_error(exc: Exception) -> None:
     if isinstance(exc, (FinetuneKitError, OSError)):
         logger.warning("%s: %s", type(exc).__name__, exc)
     else:

@@ -44,7 +44,10 @@ def build(board: Board, labels: Labels, row: ModelRow) -> None:
                 clear = labels(gr.Button(text("clear", lang)), "clear", "value")
         with gr.Column(scale=1):
             labels(gr.Markdown(text("generation", lang)), "generation", "value")
-            max_new = labels(gr.Slider(8, 4096, value=512, step=8, **labels.kw("max_new_tokens")), "max_new_tokens")
+            max_new = labels(
+                gr.Slider(8, 4096, value=512, step=8, elem_id="fk-max-new", **labels.kw("max_new_tokens")),
+                "max_new_tokens",
+            )
             sample = labels(gr.Checkbox(value=False, **labels.kw("do_sample")), "do_sample")
             temperature = labels(gr.Slider(0.01, 1.5, value=0.95, step=0.01, **labels.kw("temperature")), "temperature")
             top_p = labels(gr.Slider(0.01, 1.0, value=0.7, step=0.01, **labels.kw("top_p")), "top_p")
