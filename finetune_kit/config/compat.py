@@ -24,6 +24,8 @@ IGNORED: dict[str, str] = {
     "cutoff_len": "only training encodes examples",
     "train_on_prompt": "only training encodes examples",
     "mask_history": "only training encodes examples",
+    "packing": "only training encodes examples",
+    "neat_packing": "only training encodes examples",
 }
 
 # LLaMA-Factory's negated switches: key -> the finetune_kit key it sets to the opposite value
@@ -33,9 +35,7 @@ NEGATED: dict[str, str] = {
 }
 
 # Accepted when false (or unset); refused when true, with the reason.
-ONLY_FALSE: dict[str, str] = {
-    "packing": "sequence packing is planned",
-}
+ONLY_FALSE: dict[str, str] = {}
 
 # LLaMA-Factory keys we know but do not support yet, with what to do instead.
 UNSUPPORTED: dict[str, str] = {
@@ -64,12 +64,10 @@ UNSUPPORTED: dict[str, str] = {
     **{
         k: "speed kernels are planned"
         for k in (
-            "enable_liger_kernel",
             "use_unsloth",
             "use_unsloth_gc",
             "shift_attn",
             "rope_scaling",
-            "neat_packing",
             "mixture_of_depths",
         )
     },

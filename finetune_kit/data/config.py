@@ -74,6 +74,17 @@ class EncodingConfig(StageConfig):
     overwrite_cache: bool = option(
         False, "Tokenize again instead of reusing the on-disk cache of earlier tokenizations."
     )
+    packing: bool | None = option(
+        None,
+        "Pack several whole examples into each row of at most cutoff_len tokens, padding-free: positions restart "
+        "and attention stays inside each example, so the loss equals unpacked training (sft; fewer, fuller "
+        "rows per step). pt packs by default by joining texts into blocks (LLaMA-Factory's); none = that default.",
+    )
+    neat_packing: bool = option(
+        False,
+        "Packing where no example attends to another (implies packing). sft: the same as packing; pt: whole texts "
+        "packed instead of joined into blocks.",
+    )
 
     def _check(self) -> list[str]:
         problems = []

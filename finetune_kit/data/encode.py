@@ -224,6 +224,10 @@ def _encode_all(
     neat_packing: bool = False,
 ) -> tuple[dict[str, list[Any]], int]:
     if stage == "pt":
+        if neat_packing:  # whole texts (cut to the budget), several to a row, none attending to another
+            texts, cut = _encode_text(items, tokenizer, template, cutoff_len, False)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            return _pack_sft(texts, pad, cutoff_len, True), cut
         return _encode_text(items, tokenizer, template, cutoff_len, True if packing is None else packing)
     if stage == "kto":
         with _naming(items[0] if items else None):

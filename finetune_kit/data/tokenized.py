@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_kit.data.encode import IGNORE_INDEX
+from finetune_kit.data.packed import PackedCollator
 from finetune_kit.errors import DatasetError
 
 
@@ -29,7 +30,8 @@ class TokenizedDataset:
     stage: str = "sft"
 
     def collator(self, tokenizer: Any) -> Any:
-        """The data collator for this layout: right-padding, labels padded with -100."""
+        """The data collator for this layout: right-padding, labels padded with -100; for packed rows a
+        :class:`~finetune_kit.data.packed.PackedCollator` (padding-free, attention within each example)."""
         from transformers import DataCollatorForSeq2Seq
 
         if self.stage in ("rm", "dpo", "kto"):
@@ -37,8 +39,16 @@ class TokenizedDataset:
                 f"{self.stage} data (chosen/rejected or kto columns) is batched by the preference trainer, "
                 "not by this collator"
             )
-
+        if self.packed:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            return PackedCollator(pad_token_id=pad)
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+
+    @property
+    def packed(self) -> bool:
+        """True when each row holds several whole examples with restarting ``position_ids`` (packing)."""
+        names = getattr(self.dataset, "column_names", None) or ()
+        return "position_ids" in names
 
     def __len__(self) -> int:
         if self.streaming:

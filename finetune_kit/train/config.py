@@ -181,6 +181,16 @@ class TrainingConfig(StageConfig):
         "would not fit the GPU without it; off on CPU).",
     )
     group_by_length: bool = option(False, "Batch examples of similar length together: less padding, faster steps.")
+    chunked_loss: bool = option(
+        True,
+        "sft/pt: compute the loss over the output head a chunk of trained tokens at a time, never holding the "
+        "[tokens, vocabulary] logits (the same loss and gradients; far less memory with large vocabularies).",
+    )
+    enable_liger_kernel: bool = option(
+        False,
+        "sft/pt: patch the model with Liger's Triton kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); "
+        "needs a CUDA GPU and the liger-kernel package.",
+    )
     seed: int = option(42, "Random seed for data order and initialisation.")
     plot_loss: bool = option(False, "Write training_loss.png (and training_eval_loss.png) to output_dir.")
     report_to: tuple[str, ...] = option(("none",), "Experiment trackers: none, tensorboard, wandb, ...")

@@ -18,7 +18,8 @@ from finetune_kit._artifacts import RUN_RECORD, TRAIN_RESULTS, write_record
 from finetune_kit._fs import write_json
 from finetune_kit.errors import FinetuneKitError
 from finetune_kit.models.adapters import quiet_checkpointing
-from finetune_kit.train.distributed import deepspeed_config, fsdp_config
+from finetune_kit.train.distributed import deepspeed_config, fsdp_config, sharded
+from finetune_kit.train.loss import chunked_loss
 from finetune_kit.train.plot import plot_loss
 from finetune_kit.train.progress import check_trackers, console_callbacks
 from finetune_kit.train.safety import SafeTrainerMixin, guard_signals, training_error
@@ -80,6 +81,7 @@ def training_arguments(t: TrainingConfig, *, has_eval: bool, cls: type | None = 
         include_num_input_tokens_seen=True,
         ddp_timeout=t.ddp_timeout,
         ddp_find_unused_parameters=False,  # every trained weight gets a gradient each step
+        use_liger_kernel=t.enable_liger_kernel,  # transformers patches the model (PEFT-wrapped too) with Liger's
         **_sharding_kwargs(t),
         **_version_kwargs(t),
         **eval_kwargs,
@@ -158,7 +160,10 @@ def fit(
         hf.remove_callback(callback)
     hf.nonfinite_loss = t.nonfinite_loss
     hf.finetune_kit_output = out
-    with guard_signals(hf), quiet_checkpointing():  # a signal stop raises TrainingInterrupted on leaving
+    # the chunked loss needs the whole head weight in each process: not with ZeRO-3/FSDP sharding
+    chunked = t.chunked_loss and objective.collates and not t.enable_liger_kernel and not sharded(t)
+    with guard_signals(hf), quiet_checkpointing(), chunked_loss(model, enabled=chunked):
+        # a signal stop raises TrainingInterrupted on leaving
         try:
             output = hf.train(resume_from_checkpoint=resume)
         except FinetuneKitError:

@@ -39,7 +39,21 @@ def tokenize_for(trainer: LoraTrainer, data: Data, *, keep: bool) -> TokenizedDa
         mask_history=e.mask_history,
         stage=trainer.method.stage,  # each training stage is a data-layer stage of the same name
     )
+    if (e.packing or e.neat_packing) and trainer.method.stage not in ("sft", "pt"):
+        raise ConfigError(
+            f"packing and neat_packing apply to stage sft and pt; stage {trainer.method.stage} trains whole "
+            "pairs. Fix: remove packing/neat_packing"
+        )
+    if e.packing is not None:
+        options["packing"] = e.packing
+    if e.neat_packing:
+        options["neat_packing"] = True
     if isinstance(data, ConversationStream):
+        if packs(trainer):
+            raise ConfigError(
+                "packing of streamed data is not supported: packs are filled from the whole data. Fix: set "
+                "streaming: false, or packing: false and neat_packing: false"
+            )
         if trainer.training.max_steps <= 0:
             raise ConfigError(
                 "streamed data has no length to count epochs by. Fix: set max_steps (as LLaMA-Factory requires)"
@@ -64,6 +78,14 @@ def tokenize_for(trainer: LoraTrainer, data: Data, *, keep: bool) -> TokenizedDa
     return done
 
 
+def packs(trainer: LoraTrainer) -> bool:
+    """True when the trainer's encoding makes packed rows (several examples each, restarting positions)."""
+    e, stage = trainer.encoding, trainer.method.stage
+    if stage == "sft":
+        return bool(e.packing or e.neat_packing)
+    return stage == "pt" and e.neat_packing
+
+
 def check_encoding(trainer: LoraTrainer, data: TokenizedDataset) -> None:
     stage = trainer.method.stage
     if data.stage != stage:
@@ -81,4 +103,11 @@ def check_encoding(trainer: LoraTrainer, data: TokenizedDataset) -> None:
             f"train_on_prompt={data.train_on_prompt}, mask_history={data.mask_history}, but the trainer uses "
             f"template={template}, cutoff_len={e.cutoff_len}, train_on_prompt={e.train_on_prompt}, "
             f"mask_history={e.mask_history}. Fix: tokenize with this trainer: trainer.tokenize(conversations)"
+        )
+    if not data.streaming and data.packed != packs(trainer):
+        made_as, wanted = ("packed", "unpacked") if data.packed else ("unpacked", "packed")
+        raise ConfigError(
+            f"this TokenizedDataset was encoded {made_as}, but the trainer's encoding is {wanted} (packing: "
+            f"{e.packing}, neat_packing: {e.neat_packing}). Fix: tokenize with this trainer: "
+            "trainer.tokenize(conversations)"
         )

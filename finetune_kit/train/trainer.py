@@ -26,6 +26,7 @@ from finetune_kit.train.distributed import check_sharding, forget_zero3, sharded
 from finetune_kit.train.explain import explain_trainer
 from finetune_kit.train.held import Held
 from finetune_kit.train.lora import resolve_targets, save_adapter, saved_adapter
+from finetune_kit.train.loss import check_kernels
 from finetune_kit.train.methods import prepare
 from finetune_kit.train.outputs import check_resume, resume_point
 from finetune_kit.train.result import TrainResult
@@ -220,6 +221,7 @@ class LoraTrainer:
         Environment.detect().require(bf16=t.bf16, fp16=t.fp16)
         check_sharding(t)  # here, not when built: plan() of a DeepSpeed run works on any machine
         _check_optim(t.optim)
+        check_kernels(enable_liger_kernel=t.enable_liger_kernel, stage=m.stage)
         for given in (data, eval_data):
             if isinstance(given, TokenizedDataset):
                 self._check_encoding(given)

@@ -1,0 +1,80 @@
+"""Batches of packed rows, padding-free: no attention mask, position ids that restart per example.
+
+A packed row (``packing``/``neat_packing``, made by :mod:`finetune_kit.data.encode`) holds
+several whole examples, each numbered from position 0. :class:`PackedCollator` batches such rows
+for training so that the loss is exactly the loss of the same examples trained unpacked:
+
+* the batch carries ``position_ids``, ``use_cache=False`` and **no** ``attention_mask``: transformers' mask builders
+  (``masking_utils``, for sdpa, eager and flex attention; the flash-attention path likewise) then
+  read each restart of the positions as the start of a new sequence and build a causal mask that
+  never crosses an example boundary (``find_packed_sequence_indices``);
+* the first label of every example is ignored, so no example is predicted from the end of the one
+  before it (unpacked, that label is never predicted either: the causal shift drops it);
+* the padding a row ends with is trimmed and the batch padded to its longest row; padding tokens
+  are one-token "examples" of their own with ignored labels, so they touch nothing.
+
+``transformers.DataCollatorWithFlattening`` follows the same conventions but joins the whole
+batch into one row; with SDPA that costs a dense (batch x length)² mask and attention over it,
+so rows stay at most ``cutoff_len`` long here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+def real_length(positions: Sequence[int]) -> int:
+    """Length of a packed row without its trailing padding (padding restarts at position 0 every token).
+
+    A final one-token example is trimmed too: its only label is ignored and it attends to itself
+    alone, so dropping it changes no loss or gradient.
+    """
+    n = len(positions)
+    while n > 1 and positions[n - 1] == 0:
+        n -= 1
+    return n
+
+
+def segment_starts(positions: Sequence[int]) -> list[int]:
+    """Indices where an example starts in a packed row (its position id is not one more than the last)."""
+    return [i for i, p in enumerate(positions) if i == 0 or p != positions[i - 1] + 1]
+
+
+@dataclass(frozen=True)
+class PackedCollator:
+    """Collate packed rows (``input_ids``, ``labels``, ``position_ids``) into a padding-free batch.
+
+    ``pad_to_multiple_of`` rounds the batch length up (tensor-core friendly lengths on GPUs).
+    Example::
+
+        batch = PackedCollator(pad_token_id=tok.pad_token_id)([tokens.dataset[0], tokens.dataset[1]])
+        loss = model(**batch).loss      # equal to the unpacked examples' loss
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        lengths = [real_length(row["position_ids"]) for row in rows]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            pos = list(row["position_ids"][:n])
+            lab = list(row["labels"][:n])
+            for start in segment_starts(pos):
+                lab[start] = IGNORE_INDEX
+            ids[i, :n] = torch.as_tensor(row["input_ids"][:n])
+            labels[i, :n] = torch.as_tensor(lab)
+            positions[i, :n] = torch.as_tensor(pos)
+        # a key-value cache (use_cache defaults to true in most configs) turns the packed-sequence detection off
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
