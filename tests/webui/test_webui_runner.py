@@ -56,7 +56,7 @@ def test_a_run_is_watched_stopped_with_a_checkpoint_and_resumed_to_the_end(tiny_
         wait_until(lambda: run.status().step >= 2)
         now = run.status()
         assert now.state == "running" and now.total == 400 and now.loss is not None and now.elapsed
-        assert re.search(r"^Training · step \d+/400 \(\d+%\) · loss \d\.\d{4} · elapsed ", status_text(now, "en"))
+        assert re.search(r"^Training · step \d+/400 \(\d+%\) · loss \d+\.\d{4} · elapsed ", status_text(now, "en"))
         assert "训练中" in status_text(now, "zh")
         assert loss_plot(now).axes[0].get_xlim()[1] == 400
         assert run.stop()
