@@ -63,7 +63,7 @@ class TrainingRun:
     ``work_dir`` receives each run's YAML and console log (never the output_dir: the trainer
     refuses a non-empty one). Example::
 
-        run = TrainingRun(Path("/tmp/board"))
+        run = TrainingRun(Path("board-work"))
         run.start(values)           # LLaMA-Factory keys, checked beforehand
         while run.status().active:
             time.sleep(1)
