@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from finetune_kit.models.loaded import LoadedModel
-from finetune_kit.train.distributed import deepspeed_config, offloads, world_size, zero_stage
+from finetune_kit.train.distributed import deepspeed_config, offloads, sharded, world_size, zero_stage
 from finetune_kit.train.vram import (
     MemoryInputs,
     MemoryPlan,
@@ -102,6 +102,7 @@ def memory_inputs(
         offload_param=offload_param,
         n_gpus=gpus or world_size(),
         optimizer="adamw_8bit" if "8bit" in t.optim else "adamw",
+        chunked_loss=(t.chunked_loss or t.enable_liger_kernel) and m.stage in ("sft", "pt") and not sharded(t),
     )
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from finetune_kit.errors import ConfigError
+from finetune_kit.train.loss import chunk_tokens
 from finetune_kit.train.vram_report import GIB, MemoryPlan, cheaper_changes
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -204,6 +205,7 @@ class MemoryInputs:
     offload_param: bool = False  # ZeRO-3: 16-bit weights in CPU memory too
     n_gpus: int = 1
     optimizer: Optimizer = "adamw"  # adamw: 8 bytes of fp32 states per trained parameter; *_8bit: 2
+    chunked_loss: bool = False  # the loss over the head a chunk at a time (or Liger's fused one): one chunk's logits
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_target", tuple(self.lora_target))
@@ -342,7 +344,7 @@ def plan_memory(shape: ModelShape, inputs: MemoryInputs) -> MemoryPlan:
         per = c.hidden * h + c.intermediate * s.intermediate_size + c.attention * (s.q_dim + s.kv_dim)
         return (per + SDPA_LSE_BYTES * s.num_attention_heads + extra) * scale * tokens
 
-    logits = LOGITS_BYTES * tokens * V
+    logits = LOGITS_BYTES * (min(tokens, chunk_tokens(V)) if x.chunked_loss else tokens) * V
     head = HEAD_BYTES * h * tokens * scale
     if x.gradient_checkpointing:
         kept = sum(ACTIVATIONS[r].checkpoint * h * tokens * scale for r, _ in regimes) + head
@@ -379,8 +381,6 @@ def visible_gpu_bytes() -> list[int]:
     """Total memory (bytes) of each visible CUDA GPU; empty without CUDA."""
     import torch
 
-    if not torch.cuda.is_available():
-        return []
     return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
 
 
