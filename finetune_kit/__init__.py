@@ -50,6 +50,7 @@ _EXPORTS = {
     "PredictConfig": "finetune_kit.evaluate.config",
     "BenchmarkConfig": "finetune_kit.evaluate.config",
     "BenchmarkResult": "finetune_kit.evaluate.benchmark",
+    "Comparison": "finetune_kit.evaluate.compare",
     "Exporter": "finetune_kit.export.exporter",
     "ExportConfig": "finetune_kit.export.config",
     "ExportedModel": "finetune_kit.export.result",
@@ -101,6 +102,7 @@ if TYPE_CHECKING:
         UnknownKeysError,
     )
     from finetune_kit.evaluate.benchmark import BenchmarkResult
+    from finetune_kit.evaluate.compare import Comparison
     from finetune_kit.evaluate.config import BenchmarkConfig, PredictConfig
     from finetune_kit.evaluate.evaluator import Evaluator
     from finetune_kit.evaluate.result import EvalReport

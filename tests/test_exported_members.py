@@ -59,6 +59,7 @@ EXPECTED = sorted(
         "PredictConfig",
         "BenchmarkConfig",
         "BenchmarkResult",
+        "Comparison",
         "ServerHandle",
         "FinetuneKitWarning",
         "UnknownKeysError",

@@ -15,6 +15,7 @@ from finetune_kit.cli.workflows import (
     plan_run,
     run_benchmark,
     run_chat,
+    run_compare,
     run_data_check,
     run_predict,
     run_train,
@@ -86,7 +87,9 @@ def train(argv: Sequence[str]) -> int:
 
 def evaluate(argv: Sequence[str]) -> int:
     cfg = _parse(argv, COMMANDS["eval"])
-    if cfg is not None and cfg[BenchmarkConfig].task is not None:
+    if cfg is not None and cfg[BenchmarkConfig].compare is not None:
+        run_compare(cfg[ModelConfig], cfg[BenchmarkConfig], cfg[DataConfig], cfg[GenerationConfig], cfg[PredictConfig])
+    elif cfg is not None and cfg[BenchmarkConfig].task is not None:
         run_benchmark(cfg[ModelConfig], cfg[BenchmarkConfig])
     elif cfg is not None:
         run_predict(cfg[ModelConfig], cfg[DataConfig], cfg[GenerationConfig], cfg[PredictConfig])
@@ -191,9 +194,11 @@ COMMANDS: dict[str, Command] = {
         (train_checks,),
     ),
     "eval": Command(
-        "eval config.yaml task=mmlu_test task_dir=DIR ... | eval config.yaml eval_dataset=NAME output_dir=DIR ...",
+        "eval config.yaml task=mmlu_test task_dir=DIR ... | eval config.yaml eval_dataset=NAME output_dir=DIR ... "
+        "| eval config.yaml --compare ADAPTER [task=...] [eval_dataset=...] save_dir=DIR",
         "score MMLU/CMMLU/C-Eval (task, task_dir, n_shot, lang, save_dir), or generate on eval_dataset and score "
-        "ROUGE/BLEU (predict)",
+        "ROUGE/BLEU (predict); --compare ADAPTER does both for the model without and with the adapter and writes "
+        "comparison.md and comparison.png",
         evaluate,
         (ModelConfig, MethodConfig, LoraConfig, DataConfig, GenerationConfig, PredictConfig, BenchmarkConfig),
         (eval_checks,),

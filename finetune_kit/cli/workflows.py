@@ -139,6 +139,8 @@ def _predict(
 def eval_checks(built: Built) -> list[str]:
     """Cross-section rules of ``finetune-kit eval``: a benchmark (``task``) or a prediction (``eval_dataset``)."""
     bench, data = built[BenchmarkConfig], built[DataConfig]
+    if bench.compare is not None:
+        return _compare_checks(bench, data, built[PredictConfig])
     if bench.task is not None and data.eval_dataset:
         return [
             f"task ({bench.task}) and eval_dataset ({','.join(data.eval_dataset)}) ask for two different runs: a "
@@ -151,6 +153,56 @@ def eval_checks(built: Built) -> list[str]:
             "ceval_validation), or remove them"
         ]
     return []
+
+
+def _compare_checks(bench: BenchmarkConfig, data: DataConfig, predict: PredictConfig) -> list[str]:
+    problems = []
+    if bench.task is None and not data.eval_dataset:
+        problems.append(
+            f"compare ({bench.compare}) needs something to score: task (a benchmark), eval_dataset (a prediction) "
+            "or both. Fix: add task: mmlu_test with task_dir, and/or eval_dataset: name"
+        )
+    if bench.save_dir is None and predict.output_dir is None:
+        problems.append(
+            "compare writes comparison.md and comparison.png, and each model's results, into a folder. Fix: "
+            "save_dir: saves/compare (or output_dir)"
+        )
+    elif bench.save_dir is not None and predict.output_dir is not None and bench.save_dir != predict.output_dir:
+        problems.append(
+            f"compare writes one folder, but save_dir ({bench.save_dir}) and output_dir ({predict.output_dir}) "
+            "differ. Fix: give only one of them"
+        )
+    return problems
+
+
+def run_compare(
+    model_cfg: ModelConfig,
+    bench: BenchmarkConfig,
+    data: DataConfig,
+    generation: GenerationConfig,
+    predict: PredictConfig,
+) -> None:
+    """``finetune-kit eval --compare ADAPTER``: the model without and with the adapter, side by side."""
+    assert bench.compare is not None  # the caller dispatches on it
+    datasets = []
+    if data.eval_dataset:
+        registry = DatasetRegistry.from_dir(data.dataset_dir)
+        datasets = [
+            registry.load(name, max_samples=data.max_samples, skip_invalid=data.skip_invalid)
+            for name in data.eval_dataset
+        ]
+    comparison = Evaluator.compare(
+        ModelSource.from_config(model_cfg).load(),
+        bench.compare,
+        benchmarks=[bench.with_(save_dir=None, compare=None)] if bench.task is not None else [],
+        datasets=datasets,
+        save_dir=bench.save_dir or predict.output_dir,
+        generation=generation,
+        config=predict,
+    )
+    say(comparison.format())
+    if comparison.save_dir is not None:
+        say(f"\nComparison: {comparison.save_dir / 'comparison.md'} and comparison.png")
 
 
 def run_benchmark(model_cfg: ModelConfig, bench: BenchmarkConfig) -> None:

@@ -11,6 +11,7 @@ Example::
 """
 
 from finetune_kit.evaluate.benchmark import BenchmarkPrediction, BenchmarkResult
+from finetune_kit.evaluate.compare import Comparison, ComparisonRow
 from finetune_kit.evaluate.config import BenchmarkConfig, PredictConfig
 from finetune_kit.evaluate.evaluator import EVAL_GENERATION, Evaluator
 from finetune_kit.evaluate.metrics import SCORE_KEYS, example_scores, generation_scores, per_example_scores
@@ -22,6 +23,8 @@ __all__ = [
     "BenchmarkConfig",
     "BenchmarkPrediction",
     "BenchmarkResult",
+    "Comparison",
+    "ComparisonRow",
     "SCORE_KEYS",
     "EvalReport",
     "Evaluator",

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Literal
 
 from finetune_kit.config.base import StageConfig, option
 from finetune_kit.errors import ConfigError, did_you_mean
 from finetune_kit.evaluate.benchmark_data import resolve_task
+
+DEMO_QUIZ = Path(__file__).parents[1] / "data" / "demo" / "mmlu_mini"
+"""The shipped general-knowledge quiz in MMLU's layout (``BenchmarkConfig.demo()``)."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -56,7 +60,8 @@ class BenchmarkConfig(StageConfig):
     ``task`` is LLaMA-Factory's ``<benchmark>_<split>`` (``mmlu_test``, ``cmmlu_test``,
     ``ceval_validation``) or a bare benchmark name, which takes that benchmark's usual split.
     ``scoring`` is ours: ``letter`` is LLaMA-Factory's recipe, ``loglikelihood`` lm-evaluation-harness's.
-    Example::
+    ``compare`` (ours, ``finetune-kit eval --compare ADAPTER``) asks for a before/after run instead:
+    the model without and with that adapter, on the benchmark and/or ``eval_dataset``. Example::
 
         config = BenchmarkConfig(task="mmlu_test", task_dir="data/mmlu", n_shot=5, save_dir="saves/mmlu")
     """
@@ -84,6 +89,21 @@ class BenchmarkConfig(StageConfig):
     subjects: tuple[str, ...] | None = option(
         None, "Score only these subjects, comma separated (default: every subject file in task_dir)."
     )
+    compare: str | None = option(
+        None,
+        "Adapter folder: score the model without and with it on task and/or eval_dataset, and write "
+        "comparison.md and comparison.png into save_dir (or output_dir).",
+    )
+
+    @classmethod
+    def demo(cls, **changes: object) -> BenchmarkConfig:
+        """The shipped general-knowledge quiz ``mmlu_mini`` as ``mmlu_test``: 6 subjects, 90 test questions.
+
+        Original questions in MMLU's released layout (not MMLU, and its scores are not MMLU scores),
+        for a quick before/after check that fine-tuning did not break what a model knew. ``changes``
+        set other fields, e.g. ``BenchmarkConfig.demo(n_shot=0)``.
+        """
+        return cls(task="mmlu_test", task_dir=str(DEMO_QUIZ), **changes)  # type: ignore[arg-type]
 
     def _check(self) -> list[str]:
         problems = []
@@ -91,6 +111,8 @@ class BenchmarkConfig(StageConfig):
             problems.append(f"n_shot: got {self.n_shot}; expected 0 or more (5 is the usual)")
         if self.batch_size < 1:
             problems.append(f"batch_size: got {self.batch_size}; expected a positive integer such as 8")
+        if self.compare is not None and not self.compare.strip():
+            problems.append("compare: got an empty string; expected the adapter folder to compare against")
         if self.save_dir is not None and not self.save_dir.strip():
             problems.append("save_dir: got an empty string; expected a folder path, or none to write nothing")
         if self.task is not None:
@@ -109,4 +131,7 @@ class BenchmarkConfig(StageConfig):
         if self.task is not None:
             return []
         defaults = BenchmarkConfig()
-        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]
+        own = [f.name for f in fields(self) if f.name != "compare"]  # compare also works on eval_dataset alone
+        if self.compare is not None:
+            own.remove("save_dir")  # where the comparison goes
+        return [name for name in own if getattr(self, name) != getattr(defaults, name)]

@@ -15,6 +15,7 @@ from finetune_kit.errors import ConfigError, DatasetError
 from finetune_kit.evaluate import predict as pred
 from finetune_kit.evaluate.benchmark import BenchmarkResult, run_benchmark
 from finetune_kit.evaluate.benchmark_data import resolve_task
+from finetune_kit.evaluate.compare import BenchmarkSpecs, Comparison, DatasetSpecs, run_comparison
 from finetune_kit.evaluate.config import BenchmarkConfig, PredictConfig
 from finetune_kit.evaluate.metrics import generation_scores, require_metrics
 from finetune_kit.evaluate.result import EvalReport
@@ -199,6 +200,47 @@ class Evaluator:
         )
         return run_benchmark(self.model, config, template=template, progress=progress)
 
+    @classmethod
+    def compare(
+        cls,
+        base: object,
+        tuned: object,
+        *,
+        benchmarks: BenchmarkSpecs = (),
+        datasets: DatasetSpecs = (),
+        save_dir: str | os.PathLike[str] | None = None,
+        generation: GenerationConfig | None = None,
+        config: PredictConfig | None = None,
+        progress: bool = True,
+    ) -> Comparison:
+        """Score a base model and a tuned one on the same benchmarks and datasets, and set the results side by side.
+
+        ``base`` and ``tuned`` are anything an Evaluator takes (a ``LoadedModel``, ``ModelSource``,
+        ``TrainResult``, ``ExportedModel``); ``tuned`` may also be an adapter folder, applied to
+        ``base`` in memory. ``benchmarks`` is a ``task -> task_dir`` mapping or
+        :class:`BenchmarkConfig` objects (for ``n_shot``, ``scoring``...); ``datasets`` loaded
+        :class:`Conversations`, scored with ROUGE/BLEU under the same ``generation`` and ``config``
+        for both models. With ``save_dir`` (new or empty), each run's files go to
+        ``save_dir/{base,tuned}/<source>/`` and the comparison to ``comparison.md``,
+        ``comparison.png`` and ``comparison.json``. Example::
+
+            comparison = Evaluator.compare(
+                model, result, datasets=[registry.load("shop_test")],
+                benchmarks={"mmlu_test": "data/mmlu"}, save_dir="saves/compare",
+            )
+            comparison  # in Jupyter: the table and a bar chart of the differences
+        """
+        if config is not None and not isinstance(config, PredictConfig):
+            raise TypeError(f"config must be a PredictConfig, got {type(config).__name__}")
+        settings = (config or PredictConfig()).with_(output_dir=None)  # each side writes under save_dir
+        first = cls(base, generation, settings)
+        if isinstance(tuned, str | os.PathLike):
+            tuned = _adapter_on(first.model, tuned)
+        second = cls(tuned, generation, settings)
+        return run_comparison(
+            first, second, benchmarks=benchmarks, datasets=datasets, save_dir=save_dir, progress=progress
+        )
+
     def _record(self, data: Conversations, cfg: PredictConfig) -> dict[str, Any]:
         return provenance(
             "predict",
@@ -212,6 +254,20 @@ class Evaluator:
                 "bleu": "nltk sentence_bleu on characters, SmoothingFunction().method3",
             },
         )
+
+
+def _adapter_on(base: Engine, folder: str | os.PathLike[str]) -> LoadedModel:
+    if not isinstance(base, LoadedModel):
+        raise TypeError(
+            f"tuned is an adapter folder ({os.fspath(folder)!r}), which is applied to a loaded base model; base is a "
+            f"{type(base).__name__}. Fix: pass the base as a LoadedModel or ModelSource"
+        )
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"tuned: {os.fspath(folder)!r} holds no adapter_config.json, so it is not a LoRA adapter folder. Fix: "
+            "pass the training output_dir, or a merged model as ModelSource.local(folder)"
+        )
+    return base.with_adapter(folder)
 
 
 def _display(engine: Engine) -> str:
