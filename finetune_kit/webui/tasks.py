@@ -7,19 +7,19 @@ shown by :func:`finetune_kit.webui.texts.error_text`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from finetune_kit.data.registry import DatasetRegistry
 from finetune_kit.data.report import check_rows
 from finetune_kit.data.templates import TEMPLATES
-from finetune_kit.errors import ConfigError
-from finetune_kit.evaluate.benchmark import BenchmarkResult
+from finetune_kit.errors import ConfigError, OutputExistsError
+from finetune_kit.evaluate.compare import Comparison
+from finetune_kit.evaluate.config import BenchmarkConfig, PredictConfig
 from finetune_kit.evaluate.evaluator import EVAL_GENERATION, Evaluator
 from finetune_kit.evaluate.metrics import SCORE_KEYS
-from finetune_kit.evaluate.result import EvalReport
 from finetune_kit.export.exporter import Exporter
 from finetune_kit.export.gguf_set import describe_gguf
 from finetune_kit.models.engine import Completion
@@ -104,48 +104,56 @@ def predict(
     batch_size: int,
     output_dir: str = "",
     compare: bool = False,
-) -> str:
+) -> Shown:
     """ROUGE/BLEU of the chosen model's replies on the datasets; with ``compare``, of the base model's too.
 
-    ``output_dir`` receives ``generated_predictions.jsonl`` and the scores (the tuned model's, and
-    the base model's under ``output_dir/base``); it must be new or empty.
+    ``output_dir`` (new or empty) receives ``generated_predictions.jsonl`` and the scores; with
+    ``compare`` it is :meth:`Evaluator.compare`'s ``save_dir`` (each side under ``base/`` and
+    ``tuned/``, the table and chart in ``comparison.md`` and ``comparison.png``).
     """
+    _needs_adapter(choice, compare)
+    data = DatasetRegistry.from_dir(dataset_dir).load(_names(names), max_samples=max_samples or None)
+    tuned = cache.get(choice)
+    gen = EVAL_GENERATION.with_(max_new_tokens=int(max_new_tokens))
+    config = PredictConfig(per_device_eval_batch_size=int(batch_size))
+    out = output_dir.strip() or None
+    if compare:
+        base = cache.base_of(choice, tuned)
+        comparison = Evaluator.compare(
+            base, tuned, datasets=[data], save_dir=out, generation=gen, config=config, progress=False
+        )
+        return _comparison(comparison)
+    report = Evaluator(tuned, generation=gen, config=config).predict(data, output_dir=out, progress=False)
+    rows = [f"| {k} | {report.scores[k]:.2f} |" for k in SCORE_KEYS]
+    where = f"; predictions in `{report.output_dir}`" if report.output_dir is not None else ""
+    note = f"{report.num_samples} samples, {choice.describe()}, {report.runtime_s:.1f} s{where}"
+    return Shown("| metric | score |\n|---|---|\n" + "\n".join(rows) + f"\n\n{note}")
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What an Evaluate button shows: Markdown, and a chart of the before/after differences when there is one."""
+
+    markdown: str
+    figure: Any = None
+
+
+def _comparison(comparison: Comparison) -> Shown:
+    lines = [line for line in comparison.markdown().splitlines() if not line.startswith("![")]
+    if lines and lines[0].startswith("# "):
+        lines[0] = "####" + lines[0][1:]
+    if comparison.save_dir is not None:
+        lines += ["", f"`{comparison.save_dir}`: comparison.md, comparison.png, base/, tuned/"]
+    return Shown("\n".join(lines), comparison.figure())
+
+
+def _needs_adapter(choice: ModelChoice, compare: bool) -> None:
     if compare and not choice.adapters:
         raise ConfigError(
             "a before/after comparison needs an adapter: the base model is compared with the model plus adapter. "
             "Fix: fill in the adapter (a training output_dir), or untick the comparison",
             header="Cannot compare",
         )
-    data = DatasetRegistry.from_dir(dataset_dir).load(_names(names), max_samples=max_samples or None)
-    tuned = cache.get(choice)
-    gen = EVAL_GENERATION.with_(max_new_tokens=int(max_new_tokens))
-    out = output_dir.strip() or None
-
-    def run(model: Any, folder: str | None) -> EvalReport:
-        evaluator = Evaluator(model, generation=gen).with_config(per_device_eval_batch_size=int(batch_size))
-        return evaluator.predict(data, output_dir=folder, progress=False)
-
-    after = run(tuned, out)
-    if not compare:
-        rows = [f"| {k} | {after.scores[k]:.2f} |" for k in SCORE_KEYS]
-        table = "| metric | score |\n|---|---|\n" + "\n".join(rows)
-        return f"{table}\n\n{_run_note(after, choice.describe())}"
-    before = run(cache.base_of(choice, tuned), os.path.join(out, "base") if out else None)
-    return f"{scores_table(before, after)}\n\n{_run_note(after, choice.describe())}"
-
-
-def scores_table(before: EvalReport, after: EvalReport) -> str:
-    """A Markdown before/after/delta table of two reports' ROUGE/BLEU."""
-    lines = ["| metric | base | tuned | delta |", "|---|---|---|---|"]
-    for k in SCORE_KEYS:
-        old, new = before.scores[k], after.scores[k]
-        lines.append(f"| {k} | {old:.2f} | {new:.2f} | {new - old:+.2f} |")
-    return "\n".join(lines)
-
-
-def _run_note(report: EvalReport, model: str) -> str:
-    where = f"; predictions in `{report.output_dir}`" if report.output_dir is not None else ""
-    return f"{report.num_samples} samples, {model}, {report.runtime_s:.1f} s{where}"
 
 
 def benchmark(
@@ -159,8 +167,9 @@ def benchmark(
     scoring: str = "letter",
     save_dir: str = "",
     compare: bool = False,
-) -> str:
-    """MMLU / CMMLU / C-Eval accuracy of the chosen model (and of its base with ``compare``), as Markdown."""
+) -> Shown:
+    """MMLU / CMMLU / C-Eval accuracy of the chosen model, or with ``compare`` of its base and it side by side."""
+    _needs_adapter(choice, compare)
     if not task_dir.strip():
         raise ConfigError(
             "task_dir is empty. Fix: the folder holding the benchmark's dev/ and test/ (or val/) CSV folders",
@@ -168,28 +177,24 @@ def benchmark(
         )
     tuned = cache.get(choice)
     chosen = tuple(s.strip() for s in subjects.split(",") if s.strip()) or None
+    method: Literal["letter", "loglikelihood"] = "loglikelihood" if scoring == "loglikelihood" else "letter"
     save = save_dir.strip() or None
-
-    def run(model: Any, folder: str | None) -> BenchmarkResult:
-        return Evaluator(model).benchmark(
-            task,
-            task_dir=task_dir.strip(),
-            n_shot=int(n_shot),
-            subjects=chosen,
-            scoring="loglikelihood" if scoring == "loglikelihood" else "letter",
-            save_dir=folder,
-            progress=False,
+    if compare:
+        config = BenchmarkConfig(
+            task=task, task_dir=task_dir.strip(), n_shot=int(n_shot), scoring=method, subjects=chosen
         )
-
-    after = run(tuned, save)
-    if not (compare and choice.adapters):
-        return f"```text\n{after.format()}\n```"
-    before = run(cache.base_of(choice, tuned), os.path.join(save, "base") if save else None)
-    rows = {"Average": (before.accuracy, after.accuracy)}
-    rows.update({c: (before.categories[c], v) for c, v in after.categories.items() if c in before.categories})
-    lines = ["| | base | tuned | delta |", "|---|---|---|---|"]
-    lines += [f"| {name} | {old:.2f} | {new:.2f} | {new - old:+.2f} |" for name, (old, new) in rows.items()]
-    return "\n".join(lines) + f"\n\n```text\n{after.format()}\n```"
+        base = cache.base_of(choice, tuned)
+        return _comparison(Evaluator.compare(base, tuned, benchmarks=[config], save_dir=save, progress=False))
+    result = Evaluator(tuned).benchmark(
+        task,
+        task_dir=task_dir.strip(),
+        n_shot=int(n_shot),
+        subjects=chosen,
+        scoring=method,
+        save_dir=save,
+        progress=False,
+    )
+    return Shown(f"```text\n{result.format()}\n```")
 
 
 def export(
@@ -206,6 +211,12 @@ def export(
     """Merge the adapter into the base and write it to ``export_dir`` (with GGUF, parity and Modelfile when asked)."""
     if not export_dir.strip():
         raise ConfigError("export_dir is empty. Fix: name a new folder for the merged model", header="Cannot export")
+    target = Path(export_dir.strip())
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"export_dir {target} already holds files (an earlier export, or something else). Fix: choose a new "
+            "folder, or tick 'Overwrite export dir' to replace it"
+        )
     exporter = Exporter(cache.get(choice)).with_config(
         export_size=int(export_size),
         export_gguf=tuple(gguf_types),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from finetune_kit.export.config import GGUF_TYPES
 from finetune_kit.webui import form, tasks
-from finetune_kit.webui.board import Board, Labels, ModelRow, choice_of, shown_errors
-from finetune_kit.webui.texts import text
+from finetune_kit.webui.board import Board, Labels, ModelRow, choice_of, log_error, shown_errors
+from finetune_kit.webui.texts import error_text, text
 
 
 def build_evaluate(board: Board, labels: Labels, row: ModelRow) -> None:
@@ -32,6 +33,7 @@ def build_evaluate(board: Board, labels: Labels, row: ModelRow) -> None:
         compare = labels(gr.Checkbox(value=True, **labels.kw("compare")), "compare")
     run_predict = labels(gr.Button(text("run_predict", lang), variant="primary"), "run_predict", "value")
     predict_out = gr.Markdown(elem_id="fk-predict")
+    predict_plot = gr.Plot(format="png", visible=False, show_label=False)
 
     labels(gr.Markdown(text("bench_head", lang)), "bench_head", "value")
     with gr.Row():
@@ -47,6 +49,7 @@ def build_evaluate(board: Board, labels: Labels, row: ModelRow) -> None:
         bench_compare = labels(gr.Checkbox(value=True, **labels.kw("compare")), "compare")
     run_bench = labels(gr.Button(text("run_bench", lang), variant="primary"), "run_bench", "value")
     bench_out = gr.Markdown(elem_id="fk-bench")
+    bench_plot = gr.Plot(format="png", visible=False, show_label=False)
 
     dataset_dir.blur(
         lambda d, chosen: gr.update(choices=_names(d), value=[n for n in chosen or [] if n in _names(d)]),
@@ -56,8 +59,8 @@ def build_evaluate(board: Board, labels: Labels, row: ModelRow) -> None:
 
     def predict(
         m: str, t: str, a: str, d: str, n: list[str], ms: Any, mnt: Any, bs: Any, out: str, cmp: bool, lang: str
-    ) -> str:
-        return shown_errors(
+    ) -> tuple[str, Any]:
+        return shown(
             lang,
             lambda: tasks.predict(
                 board.cache,
@@ -72,16 +75,16 @@ def build_evaluate(board: Board, labels: Labels, row: ModelRow) -> None:
             ),
         )
 
-    run_predict.click(lambda *a: text("working", a[-1]), [row.lang], predict_out, queue=False).then(
+    run_predict.click(lambda lang: text("working", lang), [row.lang], predict_out, queue=False).then(
         predict,
         [*row.inputs, dataset_dir, datasets, max_samples, max_new_tokens, batch_size, predict_dir, compare, row.lang],
-        predict_out,
+        [predict_out, predict_plot],
     )
 
     def bench(
         m: str, t: str, a: str, k: str, td: str, shots: Any, sc: str, sub: str, sd: str, cmp: bool, lang: str
-    ) -> str:
-        return shown_errors(
+    ) -> tuple[str, Any]:
+        return shown(
             lang,
             lambda: tasks.benchmark(
                 board.cache,
@@ -92,12 +95,14 @@ def build_evaluate(board: Board, labels: Labels, row: ModelRow) -> None:
                 subjects=sub or "",
                 scoring=sc,
                 save_dir=sd or "",
-                compare=bool(cmp),
+                compare=bool(cmp and (a or "").strip()),
             ),
         )
 
     run_bench.click(lambda lang: text("working", lang), [row.lang], bench_out, queue=False).then(
-        bench, [*row.inputs, task, task_dir, n_shot, scoring, subjects, save_dir, bench_compare, row.lang], bench_out
+        bench,
+        [*row.inputs, task, task_dir, n_shot, scoring, subjects, save_dir, bench_compare, row.lang],
+        [bench_out, bench_plot],
     )
 
 
@@ -143,6 +148,18 @@ def build_export(board: Board, labels: Labels, row: ModelRow) -> None:
     )
     # the merged folder becomes the model (no adapter): the Chat tab then loads what was exported
     use.click(lambda d: (d, ""), [export_dir], [row.model, row.adapter])
+
+
+def shown(lang: str, action: Callable[[], tasks.Shown]) -> tuple[str, Any]:
+    """An Evaluate result as (Markdown, chart update): the chart shown only for a before/after comparison."""
+    import gradio as gr
+
+    try:
+        result = action()
+    except Exception as exc:
+        log_error(exc)
+        return error_text(exc, lang), gr.update(visible=False)
+    return result.markdown, gr.update(value=result.figure, visible=result.figure is not None)
 
 
 def _names(dataset_dir: str) -> list[str]:

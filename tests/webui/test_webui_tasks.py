@@ -64,7 +64,7 @@ def test_the_data_report_counts_rows_and_with_a_model_token_lengths(tiny_llama_d
 
 def test_predict_compares_the_base_and_the_tuned_model(choice, tmp_path):
     cache = ModelCache()
-    table = tasks.predict(
+    shown = tasks.predict(
         cache,
         choice,
         str(DEMO_DATA),
@@ -75,12 +75,16 @@ def test_predict_compares_the_base_and_the_tuned_model(choice, tmp_path):
         output_dir=str(tmp_path / "pred"),
         compare=True,
     )
-    assert table.startswith("| metric | base | tuned | delta |\n|---|---|---|---|\n| rouge-1 |")
-    assert (tmp_path / "pred" / "generated_predictions.jsonl").is_file()
-    assert (tmp_path / "pred" / "base" / "generated_predictions.jsonl").is_file()
+    assert shown.markdown.startswith("#### Before / after\n")
+    assert "| source | score | base | tuned | delta | n |" in shown.markdown
+    assert "| shop_test | rouge-l |" in shown.markdown and "![" not in shown.markdown
+    assert shown.figure is not None and shown.figure.axes[0].get_title() == "Before / after: what changed"
+    assert (tmp_path / "pred" / "comparison.md").is_file()
     # both held: the base was loaded with the tuned model's template
     assert cache.held() == [choice.describe(), choice.model]
-    with pytest.raises(OutputExistsError):  # earlier predictions are kept
+    alone = tasks.predict(cache, choice, str(DEMO_DATA), ["shop_test"], max_samples=1, max_new_tokens=2, batch_size=1)
+    assert alone.markdown.startswith("| metric | score |\n|---|---|\n| rouge-1 |") and alone.figure is None
+    with pytest.raises(OutputExistsError):  # earlier results are kept
         tasks.predict(
             cache,
             choice,
@@ -90,26 +94,23 @@ def test_predict_compares_the_base_and_the_tuned_model(choice, tmp_path):
             max_new_tokens=2,
             batch_size=1,
             output_dir=str(tmp_path / "pred"),
+            compare=True,
         )
     with pytest.raises(ConfigError, match="a before/after comparison needs an adapter"):
         tasks.predict(
-            cache,
-            choice.base,
-            str(DEMO_DATA),
-            ["shop_test"],
-            max_samples=1,
-            max_new_tokens=2,
-            batch_size=1,
+            cache, choice.base, str(DEMO_DATA), ["shop_test"], max_samples=1, max_new_tokens=2, batch_size=1,
             compare=True,
-        )
+        )  # fmt: skip
 
 
-def test_benchmark_before_and_after(choice):
-    table = tasks.benchmark(ModelCache(), choice, "mmlu", str(BENCH / "mmlu"), n_shot=1, compare=True)
-    assert table.startswith("| | base | tuned | delta |\n|---|---|---|---|\n| Average |")
-    assert "mmlu_test: 1-shot, letter scoring" in table
+def test_benchmark_alone_and_before_and_after(choice):
+    cache = ModelCache()
+    alone = tasks.benchmark(cache, choice, "mmlu", str(BENCH / "mmlu"), n_shot=1)
+    assert "mmlu_test: 1-shot, letter scoring" in alone.markdown and alone.figure is None
+    shown = tasks.benchmark(cache, choice, "mmlu", str(BENCH / "mmlu"), n_shot=1, compare=True)
+    assert "| mmlu_test | Average |" in shown.markdown and shown.figure is not None
     with pytest.raises(ConfigError, match="task_dir is empty"):
-        tasks.benchmark(ModelCache(), choice, "mmlu", " ", n_shot=1)
+        tasks.benchmark(cache, choice, "mmlu", " ", n_shot=1)
 
 
 def test_export_merges_and_refuses_to_write_over_a_folder(choice, tmp_path):
@@ -119,9 +120,12 @@ def test_export_merges_and_refuses_to_write_over_a_folder(choice, tmp_path):
     assert (tmp_path / "merged" / "config.json").is_file()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    with pytest.raises(OutputExistsError):
+    with pytest.raises(OutputExistsError, match="already holds files .* Fix: choose a new folder, or tick"):
         tasks.export(cache, choice, str(tmp_path / "mine"))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    with pytest.raises(OutputExistsError, match="already holds files"):  # an earlier export too, unless asked
+        tasks.export(cache, choice, str(tmp_path / "merged"))
+    assert tasks.export(cache, choice, str(tmp_path / "merged"), overwrite=True).startswith("Merged model")
     with pytest.raises(ConfigError, match="export_dir is empty"):
         tasks.export(cache, choice, "")
 
