@@ -13,6 +13,9 @@ from finetune_kit.evaluate.benchmark_data import resolve_task
 DEMO_QUIZ = Path(__file__).parents[1] / "data" / "demo" / "mmlu_mini"
 """The shipped general-knowledge quiz in MMLU's layout (``BenchmarkConfig.demo()``)."""
 
+PredictBackend = Literal["auto", "continuous", "static_compiled"]
+"""How :meth:`Evaluator.predict` decodes with a LoadedModel (``PredictConfig.predict_backend``)."""
+
 
 @dataclass(frozen=True, repr=False)
 class PredictConfig(StageConfig):
@@ -33,6 +36,12 @@ class PredictConfig(StageConfig):
     )
     overwrite_output_dir: bool = option(False, "Replace earlier predictions in output_dir.")
     predict_with_generate: bool = option(True, "Generate replies to score them (must be true, as in LLaMA-Factory).")
+    predict_backend: PredictBackend = option(
+        "auto",
+        "static_compiled: same-shape batches on a static KV cache, compiled on CUDA (fast on a GPU; "
+        "the first batch compiles); continuous: one continuous batch; auto: static_compiled on CUDA, "
+        "else continuous.",
+    )
 
     def _check(self) -> list[str]:
         problems = []

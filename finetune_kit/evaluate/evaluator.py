@@ -129,11 +129,15 @@ class Evaluator:
             pred.check_output_dir(out, overwrite=cfg.overwrite_output_dir)
 
         started = time.perf_counter()
-        batch = cfg.per_device_eval_batch_size
+        batch, backend = cfg.per_device_eval_batch_size, cfg.predict_backend
         if out is not None:
-            records = pred.predict_to_dir(self.model, data, self.generation, out, batch_size=batch, progress=progress)
+            records = pred.predict_to_dir(
+                self.model, data, self.generation, out, batch_size=batch, progress=progress, backend=backend
+            )
         else:
-            records = pred.generate_records(self.model, data, self.generation, batch_size=batch, progress=progress)
+            records = pred.generate_records(
+                self.model, data, self.generation, batch_size=batch, progress=progress, backend=backend
+            )
         scores = generation_scores(*pred.prediction_pairs(records))
         runtime = time.perf_counter() - started
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -20,13 +21,16 @@ from finetune_kit._artifacts import PREDICT_RESULTS as RESULTS_FILE
 from finetune_kit._artifacts import PREDICTIONS as PREDICTIONS_FILE
 from finetune_kit._artifacts import write_record
 from finetune_kit._fs import write_json
-from finetune_kit.errors import OutputExistsError
+from finetune_kit.errors import FinetuneKitWarning, OutputExistsError
+from finetune_kit.evaluate import compiled
+from finetune_kit.evaluate.compiled import Record
+from finetune_kit.evaluate.config import PredictBackend
 from finetune_kit.models.engine import BatchingEngine, Completion, Engine, GenerationRequest
+from finetune_kit.models.loaded import LoadedModel
 
 if TYPE_CHECKING:
     from finetune_kit.data.conversations import Conversations
     from finetune_kit.models.generation import GenerationConfig
-Record = dict[str, str]
 
 
 def check_output_dir(output_dir: Path, *, overwrite: bool) -> None:
@@ -54,35 +58,87 @@ def generate_records(
     batch_size: int,
     sink: IO[str] | None = None,
     progress: bool = True,
+    backend: PredictBackend = "auto",
+    stop: Sequence[str] = (),
 ) -> list[Record]:
     """Generate a reply to every example's prompt; one ``{prompt, predict, label}`` record each.
 
-    A :class:`BatchingEngine` (a :class:`LoadedModel`) decodes them in one continuous batch of
-    ``batch_size`` sequences (:func:`_continuous`); another engine gets batches of ``batch_size``
-    prompts through :meth:`Engine.generate` (left-padded). Records reach ``sink`` as JSON lines,
-    flushed, in the dataset's order as soon as every earlier one is done.
+    ``backend`` (``PredictConfig.predict_backend``) picks how a :class:`BatchingEngine` (a
+    :class:`LoadedModel`) decodes with ``num_beams == 1``: ``static_compiled`` (``auto`` on a CUDA
+    device) in same-shape batches through a static KV cache that transformers compiles
+    (:mod:`finetune_kit.evaluate.compiled`; if compiling fails, a :class:`FinetuneKitWarning` and
+    the continuous batch for what is left); ``continuous`` (``auto`` elsewhere) in one continuous
+    batch of ``batch_size`` sequences (:func:`_continuous`). Another engine gets batches of
+    ``batch_size`` prompts through :meth:`Engine.generate` (left-padded). Replies end at ``stop``
+    strings too. Records reach ``sink`` as JSON lines, flushed, in the dataset's order as soon as
+    every earlier one is done.
     """
     from tqdm.auto import tqdm
 
     examples = data.examples
-    records: list[Record] = []
+    writer = _InOrder(len(examples), sink)
     with tqdm(total=len(examples), desc="Predicting", unit="example", disable=not progress) as bar:
+        if compiled.use_static(model, generation, backend):
+            assert isinstance(model, LoadedModel)
+            try:
+                compiled.static_records(
+                    model, examples, generation, batch_size=batch_size, put=writer.put, bar=bar, stop=stop
+                )
+            except compiled.CompileFailed as exc:
+                rest = writer.missing()
+                warnings.warn(
+                    f"predict_backend: compiling the static-cache generation failed ({exc}); the "
+                    f"{len(rest)} examples left are generated in one continuous batch instead (slower on a GPU). "
+                    "Fix: check that torch.compile works here (a C compiler, triton), or set "
+                    "predict_backend: continuous to skip compilation",
+                    FinetuneKitWarning,
+                    stacklevel=2,
+                )
+                _continuous(
+                    model,
+                    [examples[i] for i in rest],
+                    generation,
+                    batch_size=batch_size,
+                    put=lambda k, record: writer.put(rest[k], record),
+                    bar=bar,
+                    stop=stop,
+                )
+            return writer.records()
         if isinstance(model, BatchingEngine) and generation.num_beams == 1:
-            return _continuous(model, examples, generation, batch_size=batch_size, sink=sink, bar=bar)
+            _continuous(model, examples, generation, batch_size=batch_size, put=writer.put, bar=bar, stop=stop)
+            return writer.records()
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             prompts = [e.prompt_messages for e in chunk]
-            completions = model.generate(prompts, generation, batch_size=batch_size)
-            batch = [
-                {"prompt": model.render_prompt(p), "predict": c.text, "label": e.label}
-                for p, c, e in zip(prompts, completions, chunk, strict=True)
-            ]
-            if sink is not None:
-                sink.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
-                sink.flush()
-            records.extend(batch)
+            completions = model.generate(prompts, generation, batch_size=batch_size, stop=stop)
+            for k, (p, c, e) in enumerate(zip(prompts, completions, chunk, strict=True)):
+                writer.put(start + k, {"prompt": model.render_prompt(p), "predict": c.text, "label": e.label})
             bar.update(len(chunk))
-    return records
+    return writer.records()
+
+
+class _InOrder:
+    """Records that arrive in any order, written to ``sink`` as soon as every earlier one is there."""
+
+    def __init__(self, count: int, sink: IO[str] | None) -> None:
+        self._slots: list[Record | None] = [None] * count
+        self._written = 0
+        self._sink = sink
+
+    def put(self, index: int, record: Record) -> None:
+        self._slots[index] = record
+        start = self._written
+        while self._written < len(self._slots) and self._slots[self._written] is not None:
+            self._written += 1
+        if self._sink is not None and self._written > start:
+            self._sink.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self._slots[start : self._written])
+            self._sink.flush()
+
+    def missing(self) -> list[int]:
+        return [i for i, r in enumerate(self._slots) if r is None]
+
+    def records(self) -> list[Record]:
+        return [r for r in self._slots if r is not None]
 
 
 def _continuous(
@@ -91,58 +147,57 @@ def _continuous(
     generation: GenerationConfig,
     *,
     batch_size: int,
-    sink: Any,
+    put: Callable[[int, Record], None],
     bar: Any,
-) -> list[Record]:
+    stop: Sequence[str] = (),
+) -> None:
     """Every example through one continuous batch: a sequence that ends frees its place for the next
-    prompt at once, so no batch waits for its longest reply."""
+    prompt at once, so no batch waits for its longest reply. ``put(i, record)`` gets example ``i``'s
+    record, in order; what is done is kept also when a later example fails."""
     assert isinstance(model, Engine)
+    if not examples:
+        return
     prompts = [e.prompt_messages for e in examples]
     ids = [model.encode_prompt(p) for p in prompts]
     done: dict[int, Completion | BaseException] = {}
     changed = threading.Condition()
 
     def finisher(i: int) -> Any:
-        def put(item: Any) -> None:
+        def put_done(item: Any) -> None:
             if isinstance(item, (Completion, BaseException)):
                 with changed:
                     done[i] = item
                     changed.notify()
 
-        return put
+        return put_done
 
     scheduler = model.scheduler(max_batch=batch_size, max_queued=len(examples))
-    records: list[Record] = []
     try:
         for i, prompt in enumerate(ids):  # in order, so the file grows from its start
-            scheduler.submit(GenerationRequest(prompt, generation, stream=False), finisher(i))
+            scheduler.submit(GenerationRequest(prompt, generation, stop=stop, stream=False), finisher(i))
         shown = 0
-        while len(records) < len(examples):
+        finished = 0
+        while finished < len(examples):
             with changed:
                 changed.wait_for(lambda seen=shown: len(done) > seen)  # type: ignore[misc]
                 count = len(done)
             bar.update(count - shown)
             shown = count
-            batch: list[Record] = []
-            failure: BaseException | None = None
-            while len(records) + len(batch) in done:
-                i = len(records) + len(batch)
-                item = done[i]
+            while finished in done:
+                item = done[finished]
                 if isinstance(item, BaseException):
-                    failure = item
-                    break
-                batch.append(
-                    {"prompt": model.render_prompt(prompts[i]), "predict": item.text, "label": examples[i].label}
+                    raise item
+                put(
+                    finished,
+                    {
+                        "prompt": model.render_prompt(prompts[finished]),
+                        "predict": item.text,
+                        "label": examples[finished].label,
+                    },
                 )
-            if batch and sink is not None:  # what is done is kept, also when a later example failed
-                sink.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
-                sink.flush()
-            records.extend(batch)
-            if failure is not None:
-                raise failure
+                finished += 1
     finally:
         scheduler.close()
-    return records
 
 
 def predict_to_dir(
@@ -153,13 +208,16 @@ def predict_to_dir(
     *,
     batch_size: int,
     progress: bool = True,
+    backend: PredictBackend = "auto",
 ) -> list[Record]:
     """:func:`generate_records`, streaming ``generated_predictions.jsonl`` into ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / PREDICTIONS_FILE
     partial = final.with_name(final.name + ".tmp")
     with partial.open("w", encoding="utf-8") as sink:
-        records = generate_records(model, data, generation, batch_size=batch_size, sink=sink, progress=progress)
+        records = generate_records(
+            model, data, generation, batch_size=batch_size, sink=sink, progress=progress, backend=backend
+        )
         os.fsync(sink.fileno())
     os.replace(partial, final)
     return records
