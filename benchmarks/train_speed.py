@@ -354,7 +354,8 @@ def run_workload(opts: argparse.Namespace, workload: str, data_kind: str, result
         "template": template,
         "cutoff_len": st["cutoff_len"],
         "overwrite_cache": True,
-        "preprocessing_num_workers": min(8, os.cpu_count() or 1),
+        # LLaMA-Factory packs each worker's shard on its own: one worker gives both tools the same packed rows
+        "preprocessing_num_workers": 1,
         "logging_steps": max(1, st["steps"] // 10),
         "save_strategy": "no",
         "overwrite_output_dir": True,
@@ -381,6 +382,8 @@ def run_workload(opts: argparse.Namespace, workload: str, data_kind: str, result
     env0.update(DISABLE_VERSION_CHECK="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     if not gpu:
         env0["CUDA_VISIBLE_DEVICES"] = ""
+        # a fixed thread count per process: on a shared machine more threads than free cores thrash
+        env0["OMP_NUM_THREADS"] = env0["MKL_NUM_THREADS"] = str(opts.threads)
     fk_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     for name in opts.contenders:
         if name == "fk_packed_liger" and not gpu:
@@ -485,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/ftk-train-speed", help="models, data and run folders")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/train_speed_{cpu,gpu}.json)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per contender")
+    p.add_argument("--threads", type=int, default=1, help="CPU mode: torch threads per contender process")
     opts = p.parse_args(argv)
     if opts.child:
         return child(*opts.child)
@@ -502,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": list(os.getloadavg()),
         "results": {},
     }
-    roots = [(opts.work, "<work>"), (str(REPO), "<repo>")] + ([(opts.lf_site, "<lf-site>")] if opts.lf_site else [])
+    roots = [(opts.out, "<out>"), (opts.work, "<work>"), (str(REPO), "<repo>")]
+    roots += [(opts.lf_site, "<lf-site>")] if opts.lf_site else []
     for workload in ["bundled-smollm2"] if opts.cpu else opts.workloads.split(","):
         for data_kind in opts.data.split(","):
             key = f"{workload}/{data_kind}"
