@@ -29,8 +29,8 @@ class QuickstartConfig(StageConfig):
     section = "quickstart"
 
     output_dir: str | None = option(None, "Where everything goes (default: ./quickstart_output/run-<time>).")
-    num_train_epochs: float = option(4.0, "Epochs over the demo training data.")
-    learning_rate: float = option(2e-3, "LoRA learning rate.")
+    num_train_epochs: float = option(3.0, "Epochs over the demo training data.")
+    learning_rate: float = option(3e-3, "LoRA learning rate.")
     lora_rank: int = option(8, "LoRA rank.")
     per_device_train_batch_size: int = option(8, "Training batch size.")
     max_new_tokens: int = option(64, "Longest generated answer when predicting.")
