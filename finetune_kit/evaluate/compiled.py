@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_kit.errors import ConfigError
 from finetune_kit.evaluate.config import PredictBackend
-from finetune_kit.models.decoding import _stop_kwargs, finish, pad_token_id
+from finetune_kit.models.decoding import generate_batch
 from finetune_kit.models.loaded import LoadedModel
 
 if TYPE_CHECKING:
@@ -114,31 +114,15 @@ def _generate(
     *,
     compiling: bool,
 ) -> list[Any]:
-    import torch
-
-    pad = pad_token_id(model)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    model.model.eval()
     try:
-        with torch.inference_mode():
-            out = model.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                pad_token_id=pad,
-                eos_token_id=model.stop_token_ids,
-                cache_implementation="static",
-                disable_compile=not compiling,
-                **_stop_kwargs(model, stop),
-                **generation.to_hf_kwargs(),
-            )
+        return generate_batch(
+            model, prompts, generation, stop=stop, width=width,
+            cache_implementation="static", disable_compile=not compiling,
+        )  # fmt: skip
     except Exception as exc:
         if _compile_error(exc):
             raise CompileFailed(f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}") from exc
         raise
-    return [
-        finish(model, row, len(p), generation, stop) for row, p in zip(out[:, width:].tolist(), prompts, strict=True)
-    ]
 
 
 def _compile_error(exc: BaseException) -> bool:

@@ -48,29 +48,41 @@ def generate_ids(
     stop: Sequence[str],
 ) -> list[Completion]:
     """Continuations of many prompts given as token ids (a chat prompt or raw text), in left-padded batches."""
+    results: list[Completion] = []
+    for start in range(0, len(prompts), batch_size):
+        results += generate_batch(lm, prompts[start : start + batch_size], gen, stop=stop)
+    return results
+
+
+def generate_batch(
+    lm: LoadedModel,
+    prompts: Sequence[list[int]],
+    gen: GenerationConfig,
+    *,
+    stop: Sequence[str],
+    width: int | None = None,
+    **generate_kwargs: Any,
+) -> list[Completion]:
+    """One left-padded ``generate`` call over ``prompts``: padded to ``width`` (default: the longest
+    prompt), ``generate_kwargs`` passed on to transformers (``cache_implementation``...)."""
     import torch
 
-    results: list[Completion] = []
     pad_id = pad_token_id(lm)
-    model, device = lm.model, lm.device
-    model.eval()
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                pad_token_id=pad_id,
-                eos_token_id=lm.stop_token_ids,
-                **_stop_kwargs(lm, stop),
-                **gen.to_hf_kwargs(),
-            )
-        for row, prompt in zip(out[:, width:].tolist(), chunk, strict=True):
-            results.append(finish(lm, row, len(prompt), gen, stop))
-    return results
+    width = width if width is not None else max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=lm.device)
+    lm.model.eval()
+    with torch.inference_mode():
+        out = lm.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pad_token_id=pad_id,
+            eos_token_id=lm.stop_token_ids,
+            **_stop_kwargs(lm, stop),
+            **gen.to_hf_kwargs(),
+            **generate_kwargs,
+        )
+    return [finish(lm, row, len(p), gen, stop) for row, p in zip(out[:, width:].tolist(), prompts, strict=True)]
 
 
 def stream(
