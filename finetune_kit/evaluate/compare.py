@@ -14,7 +14,7 @@ import html
 import io
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -219,7 +219,7 @@ class Comparison:
                 f"{taken[0]} already exists (an earlier comparison); refusing to overwrite it. Fix: pass a new save_dir"
             )
         out.mkdir(parents=True, exist_ok=True)
-        saved = Comparison(self.base_name, self.tuned_name, self.rows, self.benchmarks, self.predictions, out)
+        saved = replace(self, save_dir=out)
         (out / COMPARISON_PLOT).write_bytes(self.png())
         write_text(out / COMPARISON_TABLE, saved.markdown())
         write_json(out / COMPARISON_JSON, self.to_dict())
@@ -287,12 +287,16 @@ def run_comparison(
     base: Evaluator,
     tuned: Evaluator,
     *,
+    names: tuple[str, str],
     benchmarks: BenchmarkSpecs,
     datasets: DatasetSpecs,
     save_dir: str | os.PathLike[str] | None,
     progress: bool,
 ) -> Comparison:
-    """Score both evaluators' models on every benchmark and dataset; everything is checked before the first run."""
+    """Score both evaluators' models on every benchmark and dataset; everything is checked before the first run.
+
+    ``names`` are the two models' names as the report shows them.
+    """
     configs = benchmark_configs(benchmarks)
     named = dataset_names(datasets)
     if not configs and not named:
@@ -300,7 +304,7 @@ def run_comparison(
             "compare needs something to score: benchmarks, datasets or both. Fix: "
             "datasets=[registry.load('my_test')] and/or benchmarks={'mmlu_test': 'data/mmlu'}"
         )
-    sources = [f"{c.task}" for c in configs] + list(named)
+    sources = [str(c.task) for c in configs] + list(named)
     if len(set(sources)) != len(sources):
         raise ConfigError(f"the same benchmark is listed twice in {sources}; list each once")
     out = Path(save_dir) if save_dir is not None else None
@@ -334,17 +338,9 @@ def run_comparison(
         b, t = (ev.predict(data, output_dir=where(side, name), progress=progress) for side, ev in
                 (("base", base), ("tuned", tuned)))  # fmt: skip
         reports[name] = (b, t)
-    comparison = Comparison.of(_name(base), _name(tuned), benchmarks=pairs, predictions=reports)
+    comparison = Comparison.of(names[0], names[1], benchmarks=pairs, predictions=reports)
     return comparison.save(out) if out is not None else comparison
 
 
 def _color(delta: float, zero: str) -> str:
     return "#2ca02c" if delta > 0 else "#d62728" if delta < 0 else zero
-
-
-def _name(evaluator: Evaluator) -> str:
-    model = evaluator.model
-    source = getattr(model, "source", None)
-    name = source.display_name if source is not None else model.name
-    adapters = getattr(model, "adapters", ())
-    return f"{name} + {', '.join(adapters)}" if adapters else name

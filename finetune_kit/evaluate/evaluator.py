@@ -242,7 +242,13 @@ class Evaluator:
             tuned = _adapter_on(first.model, tuned)
         second = cls(tuned, generation, settings)
         return run_comparison(
-            first, second, benchmarks=benchmarks, datasets=datasets, save_dir=save_dir, progress=progress
+            first,
+            second,
+            names=(_labelled(first.model), _labelled(second.model)),
+            benchmarks=benchmarks,
+            datasets=datasets,
+            save_dir=save_dir,
+            progress=progress,
         )
 
     def _record(self, data: Conversations, cfg: PredictConfig) -> dict[str, Any]:
@@ -277,6 +283,12 @@ def _adapter_on(base: Engine, folder: str | os.PathLike[str]) -> LoadedModel:
 def _display(engine: Engine) -> str:
     source = getattr(engine, "source", None)
     return source.display_name if source is not None else engine.name
+
+
+def _labelled(engine: Engine) -> str:
+    """:func:`_display` and the adapter folders applied, as a comparison names a model."""
+    adapters = getattr(engine, "adapters", ())
+    return f"{_display(engine)} + {', '.join(adapters)}" if adapters else _display(engine)
 
 
 def _template(engine: Engine) -> str:
