@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100
+from finetune_kit.data.encode import IGNORE_INDEX
 
 
 def real_length(positions: Sequence[int]) -> int:

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from finetune_kit.data.encode import IGNORE_INDEX
 from finetune_kit.errors import ConfigError
 
-IGNORE_INDEX = -100
 LOGIT_BUDGET_BYTES = 2**28
 """Float32 logits held per chunk (256 MiB): 441 tokens of a 152k vocabulary, 2,048 of a 32k one."""
 
