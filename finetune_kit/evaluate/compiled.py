@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from finetune_kit.models.engine import Engine
     from finetune_kit.models.generation import GenerationConfig
 
-Record = dict[str, str]
-
 WIDTH_STEP = 64
 """Prompt widths are rounded up to a multiple of this, so runs with similar prompts share one graph."""
 
@@ -72,19 +70,18 @@ def static_records(
     generation: GenerationConfig,
     *,
     batch_size: int,
-    put: Callable[[int, Record], None],
+    put: Callable[[int, str], None],
     bar: Any,
     stop: Sequence[str] = (),
 ) -> None:
     """Generate a reply to every example in same-shape static-cache batches, longest prompts first.
 
-    ``put(i, record)`` receives example ``i``'s ``{prompt, predict, label}`` record as its batch
-    finishes (out of dataset order: the caller puts them back in order). Replies are decoded
+    ``put(i, text)`` receives example ``i``'s reply as its batch finishes (out of dataset order:
+    the caller puts them back in order). Replies are decoded
     exactly as :meth:`LoadedModel.generate` decodes them (stop tokens, stop strings,
     ``skip_special_tokens``). Raises :class:`CompileFailed` where torch.compile fails.
     """
-    prompts = [e.prompt_messages for e in examples]
-    ids = [model.encode_prompt(p) for p in prompts]
+    ids = [model.encode_prompt(e.prompt_messages) for e in examples]
     # stable sort: equal lengths keep the dataset order
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     compiling = model.device.type == "cuda"
@@ -94,7 +91,7 @@ def static_records(
         rows = chunk + [chunk[-1]] * (batch_size - len(chunk)) if compiling else chunk
         completions = _generate(model, [ids[i] for i in rows], width, generation, stop, compiling=compiling)
         for i, completion in zip(chunk, completions, strict=False):
-            put(i, {"prompt": model.render_prompt(prompts[i]), "predict": completion.text, "label": examples[i].label})
+            put(i, completion.text)
         bar.update(len(chunk))
 
 

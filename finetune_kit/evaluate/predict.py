@@ -23,7 +23,6 @@ from finetune_kit._artifacts import write_record
 from finetune_kit._fs import write_json
 from finetune_kit.errors import FinetuneKitWarning, OutputExistsError
 from finetune_kit.evaluate import compiled
-from finetune_kit.evaluate.compiled import Record
 from finetune_kit.evaluate.config import PredictBackend
 from finetune_kit.models.engine import BatchingEngine, Completion, Engine, GenerationRequest
 from finetune_kit.models.loaded import LoadedModel
@@ -31,6 +30,7 @@ from finetune_kit.models.loaded import LoadedModel
 if TYPE_CHECKING:
     from finetune_kit.data.conversations import Conversations
     from finetune_kit.models.generation import GenerationConfig
+Record = dict[str, str]
 
 
 def check_output_dir(output_dir: Path, *, overwrite: bool) -> None:
@@ -76,7 +76,7 @@ def generate_records(
     from tqdm.auto import tqdm
 
     examples = data.examples
-    writer = _InOrder(len(examples), sink)
+    writer = _InOrder(model, examples, sink)
     with tqdm(total=len(examples), desc="Predicting", unit="example", disable=not progress) as bar:
         if compiled.use_static(model, generation, backend):
             assert isinstance(model, LoadedModel)
@@ -99,7 +99,7 @@ def generate_records(
                     [examples[i] for i in rest],
                     generation,
                     batch_size=batch_size,
-                    put=lambda k, record: writer.put(rest[k], record),
+                    put=lambda k, text: writer.put(rest[k], text),
                     bar=bar,
                     stop=stop,
                 )
@@ -111,22 +111,30 @@ def generate_records(
             chunk = examples[start : start + batch_size]
             prompts = [e.prompt_messages for e in chunk]
             completions = model.generate(prompts, generation, batch_size=batch_size, stop=stop)
-            for k, (p, c, e) in enumerate(zip(prompts, completions, chunk, strict=True)):
-                writer.put(start + k, {"prompt": model.render_prompt(p), "predict": c.text, "label": e.label})
+            for k, completion in enumerate(completions):
+                writer.put(start + k, completion.text)
             bar.update(len(chunk))
     return writer.records()
 
 
 class _InOrder:
-    """Records that arrive in any order, written to ``sink`` as soon as every earlier one is there."""
+    """Replies that arrive in any order, each made the ``{prompt, predict, label}`` record of its
+    example and written to ``sink`` as soon as every earlier one is there."""
 
-    def __init__(self, count: int, sink: IO[str] | None) -> None:
-        self._slots: list[Record | None] = [None] * count
+    def __init__(self, model: Engine, examples: Sequence[Any], sink: IO[str] | None) -> None:
+        self._model = model
+        self._examples = examples
+        self._slots: list[Record | None] = [None] * len(examples)
         self._written = 0
         self._sink = sink
 
-    def put(self, index: int, record: Record) -> None:
-        self._slots[index] = record
+    def put(self, index: int, text: str) -> None:
+        example = self._examples[index]
+        self._slots[index] = {
+            "prompt": self._model.render_prompt(example.prompt_messages),
+            "predict": text,
+            "label": example.label,
+        }
         start = self._written
         while self._written < len(self._slots) and self._slots[self._written] is not None:
             self._written += 1
@@ -147,18 +155,17 @@ def _continuous(
     generation: GenerationConfig,
     *,
     batch_size: int,
-    put: Callable[[int, Record], None],
+    put: Callable[[int, str], None],
     bar: Any,
     stop: Sequence[str] = (),
 ) -> None:
     """Every example through one continuous batch: a sequence that ends frees its place for the next
-    prompt at once, so no batch waits for its longest reply. ``put(i, record)`` gets example ``i``'s
-    record, in order; what is done is kept also when a later example fails."""
+    prompt at once, so no batch waits for its longest reply. ``put(i, text)`` gets example ``i``'s
+    reply, in order; what is done is kept also when a later example fails."""
     assert isinstance(model, Engine)
     if not examples:
         return
-    prompts = [e.prompt_messages for e in examples]
-    ids = [model.encode_prompt(p) for p in prompts]
+    ids = [model.encode_prompt(e.prompt_messages) for e in examples]
     done: dict[int, Completion | BaseException] = {}
     changed = threading.Condition()
 
@@ -187,14 +194,7 @@ def _continuous(
                 item = done[finished]
                 if isinstance(item, BaseException):
                     raise item
-                put(
-                    finished,
-                    {
-                        "prompt": model.render_prompt(prompts[finished]),
-                        "predict": item.text,
-                        "label": examples[finished].label,
-                    },
-                )
+                put(finished, item.text)
                 finished += 1
     finally:
         scheduler.close()
