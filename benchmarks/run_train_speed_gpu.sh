@@ -9,7 +9,7 @@
 #                         trl 0.24.0, omegaconf 2.4.0, torchdata 0.11.0, dill 0.3.8, multiprocess 0.70.16 (py312),
 #                         tokenizers 0.22.2, huggingface_hub 1.33.0, fsspec 2025.3.0  -> /tmp/lf (LLaMA-Factory only)
 # Results: $OUT/train_speed_gpu.json (copy it to benchmarks/results/), $OUT/train_speed.log, and each
-# contender's log under $OUT/runs/. Models and data are built once under $WORK and reused by later calls.
+# contender's log, YAML and profile (PROFILE=N: torch.profiler over the last N warm-up steps) in $OUT/runs.tgz. Models and data are built once under $WORK and reused by later calls.
 #
 #   bash benchmarks/run_train_speed_gpu.sh                                   # both shapes, mixed data (~25 min)
 #   WORKLOADS=qwen05b DATA=mixed,fixed LIMIT=560 bash benchmarks/run_train_speed_gpu.sh
@@ -49,13 +49,14 @@ export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 opts=(--workloads "$WORKLOADS" --data "$DATA" --contenders "$CONTENDERS" --lf-site /tmp/lf --work "$WORK"
   --out "$OUT/train_speed_gpu.json")
 [ -n "${STEPS:-}" ] && opts+=(--steps "$STEPS")
+[ -n "${WARMUP:-}" ] && opts+=(--warmup "$WARMUP")
+[ -n "${PROFILE:-}" ] && opts+=(--profile "$PROFILE")
 timeout --signal=INT --kill-after=30 "$LIMIT" "$PY" benchmarks/train_speed.py "${opts[@]}" \
   >"$OUT/train_speed.stdout" 2>"$OUT/train_speed.log"
 code=$?
-mkdir -p "$OUT/runs"
-for log in "$WORK"/runs/*/*.log; do
-  [ -f "$log" ] && cp "$log" "$OUT/runs/$(basename "$(dirname "$log")")-$(basename "$log")"
-done
+# every contender's log, YAML, probe record and profile in one archive (few files come back from a GPU machine)
+tar -czf "$OUT/runs.tgz" -C "$WORK" --exclude='*/saves' --exclude='*/checkpoint-*' --exclude='*.safetensors' \
+  --exclude='*.bin' runs 2>/dev/null
 tail -n 40 "$OUT/train_speed.log"
 "$PY" - "$OUT/train_speed_gpu.json" <<'EOF'
 import json, sys

@@ -49,9 +49,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]  # train_methods' helpers; finetune_kit
 RESULTS = REPO / "benchmarks" / "results"
-CONTENDERS = ("peft", "lf", "fk", "lf_packed", "fk_packed", "fk_packed_liger")
+CONTENDERS = ("peft", "lf", "fk", "fk_padded", "lf_packed", "fk_packed", "fk_packed_liger", "fk_packed_liger_gc")
+VARIANTS = {  # what each contender adds to the shared YAML (LLaMA-Factory and finetune_kit read the same keys)
+    "": {},
+    "_padded": {"padding_free": False},  # finetune_kit's padded batches, as LLaMA-Factory batches
+    "_packed": {"packing": True, "neat_packing": True},
+    "_packed_liger": {"packing": True, "neat_packing": True, "enable_liger_kernel": True},
+    "_packed_liger_gc": {
+        "packing": True,
+        "neat_packing": True,
+        "enable_liger_kernel": True,
+        "gradient_checkpointing": True,
+    },
+}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PROBE_ENV = "TRAIN_SPEED_PROBE"  # "<json path>:<warmup steps>"
+PROFILE_ENV = "TRAIN_SPEED_PROFILE"  # profile the last N warm-up steps of each contender (torch.profiler)
 
 
 # ----- the probe, inside each contender's process ---------------------------------------------------------
@@ -90,8 +103,24 @@ def install_probe(out: str, warmup: int) -> None:
         rec["examples"] = examples if rec["examples"] is None else rec["examples"] + examples
         rec["rows"] += ids.shape[0]
 
+    profiled = int(os.environ.get(PROFILE_ENV) or 0)  # profile the last N warm-up steps (never timed ones)
+    prof: dict[str, Any] = {}
+
     class Clock(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if profiled and cuda and state.global_step == warmup - profiled:
+                prof["wall0"] = sync_time()
+                prof["p"] = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                )
+                prof["p"].__enter__()
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if "p" in prof and state.global_step == warmup:
+                wall = sync_time() - prof["wall0"]
+                p = prof.pop("p")
+                p.__exit__(None, None, None)
+                rec["profile"] = profile_report(p, wall, profiled, out)
             if state.global_step == warmup:
                 rec["t0"] = sync_time()
                 rec["tokens0"] = int(rec["tokens"])
@@ -130,6 +159,27 @@ def install_probe(out: str, warmup: int) -> None:
 
     Trainer.training_step, Trainer.__init__ = training_step, __init__
     atexit.register(lambda: None if "t1" in rec else dump())
+
+
+def profile_report(p: Any, wall: float, steps: int, out: str) -> dict[str, Any]:
+    """Where ``steps`` profiled steps spent their time: tables next to the probe file, a summary for the JSON."""
+    events = p.key_averages()
+
+    def device_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+
+    on_gpu = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")] or list(events)
+    busy = sum(device_us(e) for e in on_gpu) / 1e6
+    kernels = sorted(on_gpu, key=device_us, reverse=True)
+    cpu_ops = sorted(events, key=lambda e: float(e.cpu_time_total), reverse=True)
+    lines = [f"{steps} steps, {wall:.3f} s wall, GPU busy {busy:.3f} s ({busy / wall:.0%})", "", "by self GPU time:"]
+    lines += [f"{device_us(e) / 1e3:10.1f} ms {e.count:7d}x  {e.key[:110]}" for e in kernels[:45]]
+    lines += ["", "by CPU time (inclusive):"]
+    lines += [f"{e.cpu_time_total / 1e3:10.1f} ms {e.count:7d}x  {e.key[:110]}" for e in cpu_ops[:45]]
+    Path(out).with_suffix(".profile.txt").write_text("\n".join(lines) + "\n")
+    top = [[e.key[:80], round(device_us(e) / 1e3 / steps, 2)] for e in kernels[:12]]
+    return {"steps": steps, "wall_s_per_step": round(wall / steps, 4), "gpu_busy_fraction": round(busy / wall, 3),
+            "top_gpu_ms_per_step": top}  # fmt: skip
 
 
 def child(kind: str, arg: str) -> int:
@@ -307,6 +357,7 @@ def run_contender(name: str, cmd: list[str], env: dict, probe: Path, log: Path, 
         losses=rec.get("losses"),
         final_loss=rec["losses"][-1][1] if rec.get("losses") else None,
         gradient_checkpointing=rec.get("gradient_checkpointing"),
+        profile=rec.get("profile"),
         peak_allocated_gib=rec.get("peak_allocated_gib"),
         peak_reserved_gib=rec.get("peak_reserved_gib"),
     )
@@ -369,11 +420,6 @@ def run_workload(opts: argparse.Namespace, workload: str, data_kind: str, result
         "report_to": "none",
         "seed": 42,
     }
-    variants = {
-        "": {},
-        "_packed": {"packing": True, "neat_packing": True},
-        "_packed_liger": {"packing": True, "neat_packing": True, "enable_liger_kernel": True},
-    }
     runs = work / "runs" / f"{workload}-{data_kind}"
     runs.mkdir(parents=True, exist_ok=True)
     warmup = opts.warmup if opts.warmup is not None else max(1, st["steps"] // 6)
@@ -386,16 +432,18 @@ def run_workload(opts: argparse.Namespace, workload: str, data_kind: str, result
         env0["OMP_NUM_THREADS"] = env0["MKL_NUM_THREADS"] = str(opts.threads)
     fk_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     for name in opts.contenders:
-        if name == "fk_packed_liger" and not gpu:
+        if "liger" in name and not gpu:
             continue
         if name.startswith("lf") and not opts.lf_site:
             results[name] = {"skipped": "no --lf-site"}
             continue
         suffix = name.split("_", 1)[1] if "_" in name else ""
-        values = {**base, **variants["_" + suffix if suffix else ""], "output_dir": str(runs / name)}
+        values = {**base, **VARIANTS["_" + suffix if suffix else ""], "output_dir": str(runs / name)}
         probe, log = runs / f"{name}.probe.json", runs / f"{name}.log"
         probe.unlink(missing_ok=True)
         env = dict(env0, **{PROBE_ENV: f"{probe}:{warmup}"})
+        if opts.profile and gpu:
+            env[PROFILE_ENV] = str(min(opts.profile, warmup - 1))
         if name == "peft":
             spec = {
                 "model": str(model_dir),
@@ -440,10 +488,12 @@ def ratios(results: dict) -> dict:
     out = {}
     for a, b in (
         ("fk", "lf"),
+        ("fk_padded", "lf"),
         ("fk_packed", "lf"),
         ("fk_packed", "lf_packed"),
         ("fk", "peft"),
         ("fk_packed_liger", "lf"),
+        ("fk_packed_liger_gc", "lf"),
     ):
         if rate(a) and rate(b):
             out[f"{a}/{b}"] = round(rate(a) / rate(b), 2)
@@ -489,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/train_speed_{cpu,gpu}.json)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per contender")
     p.add_argument("--threads", type=int, default=1, help="CPU mode: torch threads per contender process")
+    p.add_argument("--profile", type=int, default=0, help="GPU: torch.profiler over the last N warm-up steps")
     opts = p.parse_args(argv)
     if opts.child:
         return child(*opts.child)

@@ -78,3 +78,54 @@ class PackedCollator:
             positions[i, :n] = torch.as_tensor(pos)
         # a key-value cache (use_cache defaults to true in most configs) turns the packed-sequence detection off
         return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
+
+
+@dataclass(frozen=True)
+class VarlenCollator:
+    """Collate rows, packed or not, into one padding-free row for the variable-length attention kernel.
+
+    Every example of the batch goes back to back into a single row: ``position_ids`` restart per
+    example, the first label of each is ignored (as in :class:`PackedCollator`), and
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 example boundaries) with ``max_length_q``/``max_length_k``
+    (the longest example) tell :mod:`finetune_kit.models.varlen` where attention stops. Not one
+    padding token is computed. The loss is the padded batch's loss: the same trained tokens,
+    normalised by their count. Example::
+
+        batch = VarlenCollator()([tokens.dataset[0], tokens.dataset[1]])
+        batch["input_ids"].shape        # (1, len(row 0) + len(row 1))
+    """
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        bounds = [0]
+        for row in rows:
+            if "position_ids" in row:  # a packed row: its examples, without its trailing padding
+                n = real_length(row["position_ids"])
+                pos = list(row["position_ids"][:n])
+            else:
+                n = len(row["input_ids"])
+                pos = list(range(n))
+            lab = list(row["labels"][:n])
+            starts = segment_starts(pos)
+            for start in starts:
+                lab[start] = IGNORE_INDEX
+            bounds += [len(ids) + s for s in starts[1:]] + [len(ids) + n]
+            ids += list(row["input_ids"][:n])
+            labels += lab
+            positions += pos
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": longest,
+            "max_length_k": longest,
+            "use_cache": False,
+        }

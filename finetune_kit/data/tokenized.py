@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_kit.data.encode import IGNORE_INDEX
-from finetune_kit.data.packed import PackedCollator
+from finetune_kit.data.packed import PackedCollator, VarlenCollator
 from finetune_kit.errors import DatasetError
 
 
@@ -29,9 +29,11 @@ class TokenizedDataset:
     tokenizer: Any = field(default=None, repr=False, compare=False)
     stage: str = "sft"
 
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, *, varlen: bool = False) -> Any:
         """The data collator for this layout: right-padding, labels padded with -100; for packed rows a
-        :class:`~finetune_kit.data.packed.PackedCollator` (padding-free, attention within each example)."""
+        :class:`~finetune_kit.data.packed.PackedCollator` (padding-free, attention within each example);
+        with ``varlen`` a :class:`~finetune_kit.data.packed.VarlenCollator` (the whole batch as one row, for
+        the variable-length attention kernel of :mod:`finetune_kit.models.varlen`)."""
         from transformers import DataCollatorForSeq2Seq
 
         if self.stage in ("rm", "dpo", "kto"):
@@ -39,6 +41,8 @@ class TokenizedDataset:
                 f"{self.stage} data (chosen/rejected or kto columns) is batched by the preference trainer, "
                 "not by this collator"
             )
+        if varlen:
+            return VarlenCollator()
         if self.packed:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             return PackedCollator(pad_token_id=pad)

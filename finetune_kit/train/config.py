@@ -186,6 +186,13 @@ class TrainingConfig(StageConfig):
         "sft/pt: compute the loss over the output head a chunk of trained tokens at a time, never holding the "
         "[tokens, vocabulary] logits (the same loss and gradients; far less memory with large vocabularies).",
     )
+    padding_free: bool | Literal["auto"] = option(
+        "auto",
+        "sft/pt on a CUDA GPU: put each batch's examples back to back in one row, with no padding, and keep "
+        "attention within each example with PyTorch's variable-length flash kernel (the same loss and gradients). "
+        "auto: wherever it can run (CUDA, bf16/fp16 weights, flash_attn auto or sdpa); true: refuse to train "
+        "where it cannot; false: padded batches.",
+    )
     enable_liger_kernel: bool = option(
         False,
         "sft/pt: patch the model with Liger's Triton kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); "

@@ -40,13 +40,24 @@ _TRANSFORMED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling
 logger = logging.getLogger("finetune_kit.train")
 
 
-def check_kernels(*, enable_liger_kernel: bool, stage: str) -> None:
-    """Refuse ``enable_liger_kernel`` where it cannot run: no CUDA GPU, no liger-kernel, a stage but sft/pt."""
-    if not enable_liger_kernel:
-        return
+def check_kernels(*, enable_liger_kernel: bool, stage: str, padding_free: bool | str = "auto") -> None:
+    """Refuse ``enable_liger_kernel`` and ``padding_free: true`` where they cannot run: no CUDA GPU, no
+    liger-kernel, a stage but sft/pt."""
     import torch
 
     problems = []
+    if padding_free is True:
+        if stage not in ("sft", "pt"):
+            problems.append(f"padding_free applies to stage sft and pt, not {stage}. Fix: remove it")
+        if not torch.cuda.is_available():
+            problems.append(
+                "padding_free: true needs a CUDA GPU (PyTorch's variable-length flash kernel). Fix: remove it "
+                "(auto uses it wherever it can run) or set padding_free: false"
+            )
+    if not enable_liger_kernel:
+        if problems:
+            raise ConfigError(problems)
+        return
     if stage not in ("sft", "pt"):
         problems.append(f"enable_liger_kernel applies to stage sft and pt, not {stage}. Fix: remove it")
     if not torch.cuda.is_available():

@@ -18,11 +18,13 @@ from finetune_kit._artifacts import RUN_RECORD, TRAIN_RESULTS, write_record
 from finetune_kit._fs import write_json
 from finetune_kit.errors import FinetuneKitError
 from finetune_kit.models.adapters import quiet_checkpointing
+from finetune_kit.models.varlen import padding_free, varlen_training
 from finetune_kit.train.distributed import deepspeed_config, fsdp_config, sharded
 from finetune_kit.train.loss import chunked_loss
 from finetune_kit.train.plot import plot_loss
 from finetune_kit.train.progress import check_trackers, console_callbacks
 from finetune_kit.train.safety import SafeTrainerMixin, guard_signals, training_error
+from finetune_kit.train.speed import no_cudnn_attention, no_input_casts
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -147,8 +149,9 @@ def fit(
         processing_class=tokenizer,
         callbacks=add,
     )
+    varlen = objective.collates and padding_free(model, t.padding_free)
     if objective.collates:
-        kwargs["data_collator"] = train_set.collator(tokenizer)
+        kwargs["data_collator"] = train_set.collator(tokenizer, varlen=varlen)
     try:
         with quiet_checkpointing():
             hf = cls(**kwargs)
@@ -162,7 +165,14 @@ def fit(
     hf.finetune_kit_output = out
     # the chunked loss needs the whole head weight in each process: not with ZeRO-3/FSDP sharding
     chunked = t.chunked_loss and objective.collates and not t.enable_liger_kernel and not sharded(t)
-    with guard_signals(hf), quiet_checkpointing(), chunked_loss(model, enabled=chunked):
+    with (
+        guard_signals(hf),
+        quiet_checkpointing(),
+        chunked_loss(model, enabled=chunked),
+        varlen_training(model, enabled=varlen),
+        no_input_casts(model, mixed_precision=t.bf16 or t.fp16),
+        no_cudnn_attention(),
+    ):
         # a signal stop raises TrainingInterrupted on leaving
         try:
             output = hf.train(resume_from_checkpoint=resume)

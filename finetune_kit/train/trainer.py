@@ -221,7 +221,7 @@ class LoraTrainer:
         Environment.detect().require(bf16=t.bf16, fp16=t.fp16)
         check_sharding(t)  # here, not when built: plan() of a DeepSpeed run works on any machine
         _check_optim(t.optim)
-        check_kernels(enable_liger_kernel=t.enable_liger_kernel, stage=m.stage)
+        check_kernels(enable_liger_kernel=t.enable_liger_kernel, stage=m.stage, padding_free=t.padding_free)
         for given in (data, eval_data):
             if isinstance(given, TokenizedDataset):
                 self._check_encoding(given)

@@ -179,3 +179,81 @@ def test_cli_under_torchrun_trains_on_two_gpus_and_only_rank_0_prints(tiny_qwen2
     assert proc.stdout.count("trainable params:") == 1
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["current_steps"] for r in log if "loss" in r] == [2, 4, 6, 8]  # one writer, no duplicated lines
+
+
+def test_padding_free_varlen_attention_equals_padded_sdpa_on_gpu():
+    """One padding-free row through PyTorch's varlen flash kernel (grouped-query heads) gives the padded SDPA
+    batch's loss, gradients and per-example logits, in bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune_kit.data.packed import VarlenCollator
+    from finetune_kit.models.varlen import padding_free, varlen_training
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for length, prompt in ((37, 5), (200, 60), (3, 0), (129, 1), (64, 64 - 9)):
+        ids = torch.randint(1, 512, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    width = max(len(r["input_ids"]) for r in rows)
+    padded = {
+        "input_ids": torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]),
+        "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["input_ids"])) for r in rows]),
+    }
+
+    def step(batch):
+        model.zero_grad(set_to_none=True)
+        out = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()})
+        out.loss.backward()
+        return out, {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+    assert padding_free(model, True) is True
+    ref, ref_grads = step(padded)
+    with varlen_training(model) as used:
+        assert used and model.config._attn_implementation == "finetune_kit_varlen"
+        flat, grads = step(VarlenCollator()(rows))
+    assert model.config._attn_implementation == "sdpa"  # as it was before training
+    torch.testing.assert_close(flat.loss.float(), ref.loss.float(), rtol=2e-3, atol=2e-3)
+    for name, want in ref_grads.items():
+        cos = torch.nn.functional.cosine_similarity(grads[name].flatten(), want.flatten(), dim=0)
+        assert cos > 0.995, (name, float(cos))
+    start = 0
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        got, want = flat.logits[0, start : start + n].float(), ref.logits[i, :n].float()
+        assert (got - want).abs().max() < 0.1, (i, float((got - want).abs().max()))
+        start += n
+
+
+def test_lora_trainer_trains_padding_free_by_default_on_gpu(tiny_qwen2_dir: Path, tmp_path: Path):
+    """finetune_kit's default on a GPU: the same first-step loss and gradient norm as padded batches."""
+    from finetune_kit import DatasetRegistry, LoraTrainer, ModelSource
+
+    data = DatasetRegistry.from_dir(write_rows(tmp_path / "d")).load("t")
+    model = ModelSource.local(tiny_qwen2_dir).load(template="qwen")
+    logs = {}
+    for setting in ("auto", False):
+        result = (
+            LoraTrainer(model)
+            .with_lora(lora_rank=8)
+            .with_data(cutoff_len=64)
+            .with_training(
+                output_dir=str(tmp_path / f"out-{setting}"),
+                max_steps=2,
+                bf16=True,
+                per_device_train_batch_size=8,
+                logging_steps=1,
+                save_strategy="no",
+                disable_tqdm=True,
+                padding_free=setting,
+            )  # fmt: skip
+        ).train(data)
+        logs[setting] = [e for e in result.log_history if "loss" in e and "step" in e]
+    assert logs["auto"][0]["loss"] == pytest.approx(logs[False][0]["loss"], rel=1e-2)
+    assert logs["auto"][0]["grad_norm"] == pytest.approx(logs[False][0]["grad_norm"], rel=5e-2)

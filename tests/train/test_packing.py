@@ -13,9 +13,11 @@ from finetune_kit import DatasetRegistry, LoraTrainer
 from finetune_kit.config.parse import build
 from finetune_kit.data.config import EncodingConfig
 from finetune_kit.data.encode import knapsacks
-from finetune_kit.data.packed import PackedCollator, real_length, segment_starts
+from finetune_kit.data.packed import PackedCollator, VarlenCollator, real_length, segment_starts
 from finetune_kit.data.tokenize import tokenize
 from finetune_kit.errors import ConfigError
+from finetune_kit.models import varlen
+from finetune_kit.train.loss import check_kernels
 
 VOCAB, PAD = 256, 0
 
@@ -100,6 +102,46 @@ def test_packed_loss_logits_and_gradients_equal_unpacked(attn):
         for r, (row, start) in zip(rows, [(0, 0), (0, 5), (0, 14), (1, 0), (1, 12)], strict=False):
             alone = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
             torch.testing.assert_close(logits_p[row, start : start + len(r["input_ids"])], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_one_padding_free_row_gives_the_padded_batch_loss_and_gradients():
+    """The varlen collator's single row (packed or plain rows in) trains exactly like the padded batch; on
+    CPU the registered attention is SDPA over transformers' packed-sequence mask."""
+    model = tiny("sdpa")
+    rows = examples()
+    loss_u, grads_u = run(model, padded(rows))
+    plain = VarlenCollator()(rows)
+    mixed = VarlenCollator()([*pack(rows, width=24)[:1], *rows[3:]])
+    for batch in (plain, mixed):
+        assert batch["input_ids"].shape == (1, 37) and batch["max_length_q"] == 12
+        assert batch["cu_seq_lens_q"].tolist() == [0, 5, 14, 17, 29, 36, 37]
+        with varlen.varlen_training(model) as used:  # no CUDA here: nothing changes
+            assert used is False and model.config._attn_implementation == "sdpa"
+        loss_f, grads_f = run(model, batch)
+        torch.testing.assert_close(loss_f, loss_u, rtol=1e-6, atol=1e-6)
+        for name, g in grads_u.items():
+            torch.testing.assert_close(grads_f[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_varlen_attention_is_sdpa_wherever_the_kernel_cannot_run():
+    """Registered with transformers, the implementation serves padded batches and generation through SDPA."""
+    model = tiny("sdpa")
+    batch = padded(examples())
+    with torch.no_grad():
+        want = model(**batch).logits
+        model.set_attn_implementation(varlen.register())
+        got = model(**batch).logits
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        greedy = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+        model.set_attn_implementation("sdpa")
+        assert greedy.tolist() == model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False).tolist()
+    assert "CUDA" in (varlen.varlen_unsupported(model) or "")
+    with pytest.raises(ConfigError, match="padding_free: true, but"):
+        varlen.padding_free(model, True)
+    assert varlen.padding_free(model, "auto") is False and varlen.padding_free(model, False) is False
+    with pytest.raises(ConfigError) as err:
+        check_kernels(enable_liger_kernel=False, stage="dpo", padding_free=True)
+    assert "sft and pt, not dpo" in str(err.value) and "needs a CUDA GPU" in str(err.value)
 
 
 def test_the_first_label_of_every_example_is_not_trained():
