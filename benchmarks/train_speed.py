@@ -10,8 +10,11 @@ order (seed 42 samplers over the same encoded rows) and the same hyperparameters
 * ``lf`` / ``lf_packed``: ``llamafactory-cli train x.yaml`` (0.9.5, run from ``--lf-site``, a target
   folder of its wheels, with ``DISABLE_VERSION_CHECK=1``), its defaults / with ``packing`` and
   ``neat_packing`` (no attention across examples);
-* ``fk`` / ``fk_packed``: ``finetune-kit train x.yaml`` on the **same** YAML files.
-* ``fk_packed_liger`` (GPU only): the packed YAML plus ``enable_liger_kernel: true``.
+* ``fk`` / ``fk_packed``: ``finetune-kit train x.yaml`` on the **same** YAML files (on a GPU its
+  defaults make the batches padding-free);
+* ``fk_padded``: the plain YAML plus ``padding_free: false`` (padded batches, as LLaMA-Factory's);
+* ``fk_packed_liger`` (GPU only): the packed YAML plus ``enable_liger_kernel: true``;
+  ``fk_packed_liger_gc`` also ``gradient_checkpointing: true`` (LLaMA-Factory's memory regime).
 
 Workloads: random-weight models of real shapes built from their configs (Qwen2.5-0.5B: batch 16,
 cutoff 1024; Llama-3-8B: batch 4, cutoff 2048), LoRA bf16, on generated alpaca rows written as a
@@ -27,7 +30,10 @@ at the last step (two CUDA syncs in all). Peak memory is ``torch.cuda.max_memory
 the highest ``nvidia-smi`` reading while the process ran (minus the reading before it started).
 MFU = tokens/s x (4N + 6P + 6·L·s·d) / peak FLOP/s (N matmul weights incl. the head, P LoRA weights,
 L layers, d hidden size, s the token-weighted mean example length: attention never spans examples);
-peak 989 TFLOP/s (H100/H200 dense bf16).
+peak 989 TFLOP/s (H100/H200 dense bf16). ``--profile N`` runs ``torch.profiler`` over the last N
+warm-up steps of each contender (never the timed ones) and writes where the GPU and the host spent
+their time next to each contender's log (``<name>.probe.profile.txt``); profile in a separate run
+from the one whose timings you report, as the profiler can slow the steps after it.
 
     python benchmarks/train_speed.py --cpu --lf-site /path/to/lf-target          # development, CPU
     python benchmarks/train_speed.py --lf-site /tmp/lf --workloads qwen05b --data mixed   # GPU

@@ -19,11 +19,11 @@ from finetune_kit.cli.workflows import (
     run_data_check,
     run_predict,
     run_train,
-    train_checks,
 )
 from finetune_kit.config.base import StageConfig
 from finetune_kit.config.parse import Built, Check, build, collect, describe
 from finetune_kit.config.run import RunConfig
+from finetune_kit.config.train_command import TRAIN_SECTIONS, train_checks
 from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.environment import Environment
 from finetune_kit.evaluate.config import BenchmarkConfig, PredictConfig
@@ -179,18 +179,7 @@ COMMANDS: dict[str, Command] = {
         "on several GPUs it launches itself once per GPU (FORCE_TORCHRUN, NNODES, NODE_RANK, MASTER_ADDR, "
         "MASTER_PORT as in LLaMA-Factory); --plan prints the GPU memory plan and exits",
         train,
-        (
-            RunConfig,
-            ModelConfig,
-            DataConfig,
-            EncodingConfig,
-            MethodConfig,
-            PreferenceConfig,
-            LoraConfig,
-            TrainingConfig,
-            GenerationConfig,
-            PredictConfig,
-        ),
+        TRAIN_SECTIONS,
         (train_checks,),
     ),
     "eval": Command(

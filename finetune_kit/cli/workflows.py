@@ -34,19 +34,6 @@ def say(*parts: object) -> None:
         print(*parts, flush=True)
 
 
-def train_checks(built: Built) -> list[str]:
-    """Cross-section rules of ``finetune-kit train`` (reported with every other problem)."""
-    run, data = built[RunConfig], built[DataConfig]
-    problems = []
-    if run.do_train and not data.dataset:
-        problems.append("do_train needs a dataset. Fix: dataset: name (from dataset_dir/dataset_info.json)")
-    if run.do_predict and not data.eval_dataset:
-        problems.append("do_predict needs eval_dataset. Fix: eval_dataset: name")
-    if data.eval_dataset and data.val_size:
-        problems.append("val_size and eval_dataset cannot both be set (as in LLaMA-Factory); pick one")
-    return problems
-
-
 def run_train(
     run: RunConfig,
     model_cfg: ModelConfig,

@@ -18,32 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune_kit.config.parse import build, read_config_file
-from finetune_kit.config.run import RunConfig
-from finetune_kit.data.config import DataConfig, EncodingConfig
+from finetune_kit.config.train_command import TRAIN_SECTIONS, train_checks
 from finetune_kit.errors import ConfigError, OutputExistsError
-from finetune_kit.evaluate.config import PredictConfig
 from finetune_kit.models.bundled import BUNDLED_PREFIX
-from finetune_kit.models.config import ModelConfig
-from finetune_kit.models.generation import GenerationConfig
-from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
 from finetune_kit.train.safety import checkpoints
 
 BUNDLED_MODEL = BUNDLED_PREFIX + "smollm2-135m-instruct"
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "demo"
-
-# what `finetune-kit train` parses (a test checks this equals COMMANDS["train"].sections)
-TRAIN_SECTIONS = (
-    RunConfig,
-    ModelConfig,
-    DataConfig,
-    EncodingConfig,
-    MethodConfig,
-    PreferenceConfig,
-    LoraConfig,
-    TrainingConfig,
-    GenerationConfig,
-    PredictConfig,
-)
 
 
 @dataclass(frozen=True)
@@ -178,7 +159,7 @@ def check(values: Mapping[str, Any]) -> None:
     if not values.get("output_dir"):
         problems.append("output_dir is empty. Fix: name a new folder for the adapter, logs and checkpoints")
     try:
-        build(values, TRAIN_SECTIONS)
+        build(values, TRAIN_SECTIONS, checks=(train_checks,))
     except ConfigError as exc:
         problems += exc.problems
     if problems:

@@ -9,9 +9,9 @@ import pytest
 
 from finetune_kit import ConfigError, OutputExistsError
 from finetune_kit.cli.commands import COMMANDS
-from finetune_kit.cli.workflows import train_checks
 from finetune_kit.config.parse import build, collect
 from finetune_kit.config.run import RunConfig
+from finetune_kit.config.train_command import train_checks
 from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.train.config import TrainingConfig
 from finetune_kit.webui import form
@@ -25,8 +25,10 @@ def filled(**changes) -> dict:
     return values
 
 
-def test_the_form_checks_with_the_train_commands_sections():
-    assert form.TRAIN_SECTIONS == COMMANDS["train"].sections
+def test_the_form_checks_with_the_train_commands_sections_and_rules():
+    assert form.TRAIN_SECTIONS is COMMANDS["train"].sections and COMMANDS["train"].checks == (train_checks,)
+    with pytest.raises(ConfigError, match="val_size and eval_dataset cannot both be set"):
+        form.check(form.form_values(filled(val_size=0.1), "eval_dataset: shop_test"))
 
 
 def test_the_saved_yaml_is_what_finetune_kit_train_parses(tmp_path: Path):
