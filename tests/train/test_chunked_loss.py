@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_packing import tiny as tiny_llama
+from transformers import LlamaForCausalLM
 
 from finetune_kit.errors import ConfigError
 from finetune_kit.train.loss import causal_lm_loss, check_kernels, chunked_loss, supports_chunked_loss
@@ -13,17 +14,7 @@ VOCAB = 320
 
 
 def tiny(*, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg).float()
+    return tiny_llama(vocab=VOCAB, tie=tie)
 
 
 def batch() -> dict[str, torch.Tensor]:

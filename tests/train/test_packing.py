@@ -22,15 +22,17 @@ from finetune_kit.train.loss import check_kernels
 VOCAB, PAD = 256, 0
 
 
-def tiny(attn: str) -> LlamaForCausalLM:
+def tiny(attn: str = "sdpa", *, vocab: int = VOCAB, tie: bool = False) -> LlamaForCausalLM:
+    """A 2-layer, hidden-32 random Llama in float32 (grouped-query heads), built in memory (the training tests')."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        tie_word_embeddings=tie,
         attn_implementation=attn,
     )
     return LlamaForCausalLM(cfg).float()
