@@ -6,7 +6,7 @@
   for a value that is the same after the round trip (bf16 -> float32 -> bf16 is exact). While
   training under autocast the casts are switched off (``peft.helpers.disable_input_dtype_casting``);
   on a Llama-3-8B shape with LoRA on every linear layer they were about a sixth of the GPU time of
-  a packed step and a third of the host's kernel launches of an unpacked one.
+  a packed step and an eighth of the kernel launches of an unpacked one.
 * :func:`no_cudnn_attention`: on CUDA, SDPA with an attention mask (padded batches) is routed to
   cuDNN's attention in recent PyTorch releases, which cost about 14 ms of host time per layer
   call on an H200 with batches whose length changes every step (more than the GPU work of the
