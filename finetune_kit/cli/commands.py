@@ -220,18 +220,7 @@ COMMANDS: dict[str, Command] = {
         "data check CONFIG.yaml | DATASET_DIR [--dataset a,b] [key=value ...]",
         "check every row; with a model, token lengths, truncation and a histogram",
         data,
-        (
-            ModelConfig,
-            DataConfig,
-            EncodingConfig,
-            RunConfig,
-            MethodConfig,
-            PreferenceConfig,
-            LoraConfig,
-            TrainingConfig,
-            GenerationConfig,
-            PredictConfig,
-        ),
+        TRAIN_SECTIONS,  # a train YAML is checked with the sections it trains with
     ),
     "webui": Command(
         "webui   (GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, GRADIO_SHARE)",

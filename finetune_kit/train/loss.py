@@ -46,27 +46,29 @@ def check_kernels(*, enable_liger_kernel: bool, stage: str, padding_free: bool |
     import torch
 
     problems = []
-    if padding_free is True:
+    for key, wanted, kernel, fix in (
+        (
+            "padding_free",
+            padding_free is True,
+            "PyTorch's variable-length flash kernel",
+            "remove it (auto uses it wherever it can run) or set padding_free: false",
+        ),
+        (
+            "enable_liger_kernel",
+            enable_liger_kernel,
+            "Liger's kernels are Triton kernels",
+            "remove it (on this machine the chunked loss, chunked_loss: true by default, already keeps the "
+            "logits out of memory)",
+        ),
+    ):
+        if not wanted:
+            continue
         if stage not in ("sft", "pt"):
-            problems.append(f"padding_free applies to stage sft and pt, not {stage}. Fix: remove it")
+            problems.append(f"{key} applies to stage sft and pt, not {stage}. Fix: remove it")
         if not torch.cuda.is_available():
-            problems.append(
-                "padding_free: true needs a CUDA GPU (PyTorch's variable-length flash kernel). Fix: remove it "
-                "(auto uses it wherever it can run) or set padding_free: false"
-            )
-    if not enable_liger_kernel:
-        if problems:
-            raise ConfigError(problems)
-        return
-    if stage not in ("sft", "pt"):
-        problems.append(f"enable_liger_kernel applies to stage sft and pt, not {stage}. Fix: remove it")
-    if not torch.cuda.is_available():
-        problems.append(
-            "enable_liger_kernel: true needs a CUDA GPU (Liger's kernels are Triton kernels). On this machine the "
-            "chunked loss (chunked_loss: true, the default) already keeps the logits out of memory. Fix: remove it"
-        )
-    elif importlib.util.find_spec("liger_kernel") is None:
-        problems.append("enable_liger_kernel: true needs the liger-kernel package. Fix: pip install liger-kernel")
+            problems.append(f"{key}: true needs a CUDA GPU ({kernel}). Fix: {fix}")
+        elif key == "enable_liger_kernel" and importlib.util.find_spec("liger_kernel") is None:
+            problems.append("enable_liger_kernel: true needs the liger-kernel package. Fix: pip install liger-kernel")
     if problems:
         raise ConfigError(problems)
 
