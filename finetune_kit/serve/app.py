@@ -13,9 +13,7 @@ command) before importing it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -35,7 +33,7 @@ from finetune_kit.errors import RequestError, TemplateError
 from finetune_kit.models.engine import Completion, Engine, Overloaded
 from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.serve.config import ServeConfig
-from finetune_kit.serve.limits import BodyLimit, check_max_tokens, overloaded_response
+from finetune_kit.serve.limits import BodyLimit, check_max_tokens, key_check, overloaded_response
 from finetune_kit.serve.ollama_api import install_ollama_routes
 from finetune_kit.serve.openai_extra import install_openai_extra_routes
 from finetune_kit.serve.openai_sampling import check_json
@@ -218,15 +216,12 @@ def _vocab_size(engine: Engine) -> int | None:
 
 
 def _bearer_check(key: str) -> Callable[[Request], Any]:
-    expected = hashlib.sha256(key.encode()).digest()
+    check = key_check(key, lambda: RequestError("Invalid API key.", status=401, code="invalid_api_key"))
 
-    async def check(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = hashlib.sha256(token.strip().encode()).digest()
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given, expected):
-            raise RequestError("Invalid API key.", status=401, code="invalid_api_key")
+    async def dependency(request: Request) -> None:
+        check(request)
 
-    return check
+    return dependency
 
 
 def _error_response(error: RequestError) -> JSONResponse:

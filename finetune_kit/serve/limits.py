@@ -1,8 +1,11 @@
-"""The server's limits: request body size, reply length, and the answer when the queue is full."""
+"""The server's limits: the API key, request body size, reply length, and the answer when the queue is full."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
+from collections.abc import Callable
 from typing import Any
 
 from finetune_kit.errors import RequestError
@@ -10,6 +13,22 @@ from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.serve.config import ServeConfig
 
 RETRY_AFTER_S = 1
+
+
+def key_check(key: str | None, refuse: Callable[[], RequestError]) -> Callable[[Any], None]:
+    """A check of ``Authorization: Bearer <key>`` compared in constant time; it raises ``refuse()`` on a
+    missing or wrong key (no check without a ``key``). Both APIs use it, each with its own error."""
+    if not key:
+        return lambda request: None
+    expected = hashlib.sha256(key.encode()).digest()
+
+    def check(request: Any) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode()).digest()
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given, expected):
+            raise refuse()
+
+    return check
 
 
 def is_ollama(path: str) -> bool:

@@ -18,10 +18,8 @@ as Ollama answers it, and ``/api/ps`` keeps listing the model). ``options.seed``
 penalties mean what they mean on the OpenAI routes.
 """
 
-import hashlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -36,7 +34,7 @@ from finetune_kit.models.generation import GenerationConfig
 from finetune_kit.serve import ollama_wire as wire
 from finetune_kit.serve import webchat
 from finetune_kit.serve.config import ServeConfig
-from finetune_kit.serve.limits import overloaded_response
+from finetune_kit.serve.limits import key_check, overloaded_response
 from finetune_kit.serve.ollama_embed import install_ollama_embed_routes
 from finetune_kit.serve.runner import Job, Runner
 
@@ -72,7 +70,10 @@ def install_ollama_routes(app: Any, *, runner: Runner, generation: GenerationCon
 
     engine = runner.engine
     described = {n: wire.describe_model(engine, n) for n in runner.names}
-    check_key = _key_check(config.api_key)
+    check_key = key_check(
+        config.api_key,
+        lambda: RequestError("unauthorized: send the server's API key as 'Authorization: Bearer <key>'", status=401),
+    )
 
     def error(exc: RequestError) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -256,21 +257,6 @@ def install_ollama_routes(app: Any, *, runner: Runner, generation: GenerationCon
         return PlainTextResponse("Ollama is running", headers={"Vary": "Accept"})
 
     app.add_api_route("/", running, methods=["GET", "HEAD"], include_in_schema=False)
-
-
-def _key_check(key: str | None) -> Callable[[Any], None]:
-    """A Bearer-key check compared in constant time, as the /v1 routes do."""
-    if not key:
-        return lambda request: None
-    expected = hashlib.sha256(key.encode()).digest()
-
-    def check(request: Any) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = hashlib.sha256(token.strip().encode()).digest()
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given, expected):
-            raise RequestError("unauthorized: send the server's API key as 'Authorization: Bearer <key>'", status=401)
-
-    return check
 
 
 @dataclass
