@@ -7,11 +7,13 @@ module's role by satisfying :class:`finetune_kit.models.engine.Engine`.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit.data.template import Message
+from finetune_kit.models.detok import IncrementalText, cut_at_stop
 from finetune_kit.models.engine import Completion, FinishReason
 from finetune_kit.models.generation import GenerationConfig
 
@@ -101,9 +103,8 @@ def stream_ids(
 ) -> Iterator[str | Completion]:
     """:func:`stream` for a prompt given as token ids (a chat prompt or raw text)."""
     import torch
-    from transformers import TextIteratorStreamer
 
-    streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=gen.skip_special_tokens)
+    tokens = _TokenQueue()
     holder: dict[str, Any] = {}
     ids = torch.tensor([prompt], device=lm.device)
 
@@ -113,7 +114,7 @@ def stream_ids(
                 holder["out"] = lm.model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
-                    streamer=streamer,
+                    streamer=tokens,
                     pad_token_id=pad_token_id(lm),
                     eos_token_id=lm.stop_token_ids,
                     **_stop_kwargs(lm, stop),
@@ -121,37 +122,51 @@ def stream_ids(
                 )
         except BaseException as exc:  # re-raised in the consuming thread
             holder["error"] = exc
-            streamer.end()
+            tokens.end()
 
     lm.model.eval()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    sent = ""  # text already yielded
-    seen = ""  # text generated so far
-    stopped_early = False
-    for piece in streamer:
-        seen += piece
-        cut = cut_at_stop(seen, stop)
-        if cut is not None:
-            if cut > len(sent):
-                yield seen[len(sent) : cut]
-            stopped_early = True
+    text = IncrementalText(lm.tokenizer, skip_special_tokens=gen.skip_special_tokens, stop=stop)
+    for token in tokens:
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
             break
-        safe = len(seen) - max(stop_prefix_len(seen, stop), len(seen) - len(seen.rstrip("\ufffd")))
-        if safe > len(sent):
-            yield seen[len(sent) : safe]
-            sent = seen[:safe]
-    if stopped_early:  # drain after a stop string so the generation thread can finish
-        for _ in streamer:
+    if text.stopped:  # drain after a stop string so the generation thread can finish
+        for _ in tokens:
             pass
     thread.join()
     if "error" in holder:
         raise holder["error"]
     row = holder["out"][0, len(prompt) :].tolist()
     final = finish(lm, row, len(prompt), gen, stop)
-    if not stopped_early and len(final.text) > len(sent) and final.text.startswith(sent):
+    sent = text.sent
+    if not text.stopped and len(final.text) > len(sent) and final.text.startswith(sent):
         yield final.text[len(sent) :]  # the held-back tail turned out not to be a stop string
     yield final
+
+
+class _TokenQueue:
+    """A ``generate`` streamer that hands the generated token ids (not the prompt's) to another thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[list[int] | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate puts the prompt first
+            self._prompt_seen = True
+            return
+        self._queue.put([int(t) for t in value.reshape(-1).tolist()])
+
+    def end(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[int]:
+        while (chunk := self._queue.get()) is not None:
+            yield from chunk
 
 
 def pad_token_id(lm: LoadedModel) -> int:
@@ -184,20 +199,3 @@ def finish(lm: LoadedModel, row: list[int], n_prompt: int, gen: GenerationConfig
 
 def _stop_kwargs(lm: LoadedModel, stop: Sequence[str]) -> dict[str, Any]:
     return {"stop_strings": list(stop), "tokenizer": lm.tokenizer} if stop else {}
-
-
-def stop_prefix_len(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if s.startswith(text[-k:]):
-                best = k
-                break
-    return best
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
-    """Where the first stop string starts in ``text``, or None."""
-    hits = [text.find(s) for s in stop if s and s in text]
-    return min(hits) if hits else None

@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from finetune_kit.models.decoding import cut_at_stop, stop_prefix_len
-
 
 class IncrementalText:
     """Feed token ids with :meth:`push`; it returns the text that may be shown now.
@@ -70,3 +68,20 @@ class IncrementalText:
         if start >= end:
             return ""
         return str(self._tok.decode(self._ids[start:end], skip_special_tokens=self._skip))
+
+
+def stop_prefix_len(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-k:]):
+                best = k
+                break
+    return best
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first stop string starts in ``text``, or None."""
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None

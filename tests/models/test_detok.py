@@ -8,8 +8,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from finetune_kit.models.decoding import cut_at_stop, stop_prefix_len
-from finetune_kit.models.detok import IncrementalText
+from finetune_kit.models.detok import IncrementalText, cut_at_stop, stop_prefix_len
 
 TEXTS = [
     "Hello, world! How are you today?",
