@@ -1,6 +1,7 @@
 """The package's import graph: stages point one way and nothing imports in a circle.
 
-data -> models -> train -> evaluate / export -> serve, with cli, quickstart and webui on top and the
+data -> models -> train -> evaluate / export -> serve, with cli, quickstart, webui and train_command
+(what ``finetune-kit train`` parses, shared by the command line and the board) on top and the
 foundation (errors, config, the artifact module, ...) under everything. Function-level and
 ``TYPE_CHECKING`` imports count for the direction; run-time imports must also have no cycle.
 """
@@ -21,6 +22,7 @@ RANKS = {
     "cli": 6,
     "quickstart": 6,
     "webui": 6,
+    "train_command": 6,
 }
 
 

@@ -23,7 +23,6 @@ from finetune_kit.cli.workflows import (
 from finetune_kit.config.base import StageConfig
 from finetune_kit.config.parse import Built, Check, build, collect, describe
 from finetune_kit.config.run import RunConfig
-from finetune_kit.config.train_command import TRAIN_SECTIONS, train_checks
 from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.environment import Environment
 from finetune_kit.evaluate.config import BenchmarkConfig, PredictConfig
@@ -39,6 +38,7 @@ from finetune_kit.serve.config import ServeConfig
 from finetune_kit.serve.server import Server
 from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
 from finetune_kit.train.distributed import is_main_process, plan_launch, run_launch
+from finetune_kit.train_command import TRAIN_SECTIONS, train_checks
 from finetune_kit.webui import launch as launch_board
 
 

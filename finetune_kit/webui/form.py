@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune_kit.config.parse import build, read_config_file
-from finetune_kit.config.train_command import TRAIN_SECTIONS, train_checks
 from finetune_kit.errors import ConfigError, OutputExistsError
 from finetune_kit.models.bundled import BUNDLED_PREFIX
 from finetune_kit.train.safety import checkpoints
+from finetune_kit.train_command import TRAIN_SECTIONS, train_checks
 
 BUNDLED_MODEL = BUNDLED_PREFIX + "smollm2-135m-instruct"
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "demo"

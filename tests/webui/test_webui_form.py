@@ -11,9 +11,9 @@ from finetune_kit import ConfigError, OutputExistsError
 from finetune_kit.cli.commands import COMMANDS
 from finetune_kit.config.parse import build, collect
 from finetune_kit.config.run import RunConfig
-from finetune_kit.config.train_command import train_checks
 from finetune_kit.data.config import DataConfig, EncodingConfig
 from finetune_kit.train.config import TrainingConfig
+from finetune_kit.train_command import train_checks
 from finetune_kit.webui import form
 from finetune_kit.webui.form import DEMO_DATA
 
