@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit.evaluate.benchmark_data import CHOICES
+from finetune_kit.models.adapters import unwrapped
 from finetune_kit.models.decoding import pad_token_id
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def forward_last(
 
 def _logits_to_keep(model: Any) -> str | None:
     """The forward keyword that limits logits to the last positions, when the model has one."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes it on
+    inner = unwrapped(model)  # a PeftModel passes it on
     params = inspect.signature(inner.forward).parameters
     for name in ("logits_to_keep", "num_logits_to_keep"):
         if name in params:

@@ -73,6 +73,12 @@ def is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def unwrapped(model: Any) -> Any:
+    """The model inside a PEFT wrapper (``model`` itself when it has none)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def shared_clone(model: Any, *, copy_if: Callable[[str], bool] = lambda name: False) -> Any:
     """A deep copy of ``model``'s modules that shares every parameter and buffer except those ``copy_if`` picks."""
     memo: dict[int, Any] = {}

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from finetune_kit.models.adapters import unwrapped
 from finetune_kit.models.decoding import finish, pad_token_id
 from finetune_kit.models.detok import IncrementalText
 from finetune_kit.models.engine import Completion, GenerationRequest, Item, Overloaded, Ticket
@@ -394,6 +395,6 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
 
 def _cache_keyword(model: Any) -> str:
     """``cache`` in transformers ≥ 5.2x, ``past_key_values`` before (the same argument, renamed)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     params = inspect.signature(type(base).forward).parameters
     return "cache" if "cache" in params else "past_key_values"

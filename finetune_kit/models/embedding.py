@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from finetune_kit.models.adapters import unwrapped
 from finetune_kit.models.decoding import pad_token_id
 
 if TYPE_CHECKING:
@@ -57,6 +58,6 @@ def _decoder(model: Any) -> tuple[Any, bool]:
     ``True`` in second place means no body was found: the whole model runs and its last hidden
     state is read from ``output_hidden_states``, at the cost of the LM head's logits.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap a PeftModel
+    inner = unwrapped(model)  # unwrap a PeftModel
     body = getattr(inner, "base_model", inner)  # transformers: getattr(self, base_model_prefix, self)
     return (inner, True) if body is inner else (body, False)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_kit.errors import ConfigError, EnvironmentCheckError, MissingDependencyError
+from finetune_kit.models.adapters import unwrapped
 
 if TYPE_CHECKING:
     from finetune_kit.models.config import ModelConfig
@@ -104,5 +105,5 @@ def bnb_config(cfg: ModelConfig, compute_dtype: str) -> Any:
 
 def is_quantized(model: Any) -> bool:
     """True for a model whose weights are stored quantized (bitsandbytes, GPTQ, AWQ, ...)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     return bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None))

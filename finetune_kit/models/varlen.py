@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from finetune_kit.errors import ConfigError
+from finetune_kit.models.adapters import unwrapped
 
 VARLEN = "finetune_kit_varlen"
 """The attention implementation's name in transformers' ``AttentionInterface``."""
@@ -130,7 +131,7 @@ def varlen_training(model: Any, *, enabled: bool = True) -> Iterator[bool]:
     The previous implementation is back on leaving, so a model handed on after training
     (evaluation, chat, export) is exactly as it was loaded.
     """
-    lm = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    lm = unwrapped(model)
     if not enabled or varlen_unsupported(lm) is not None:
         yield False
         return
@@ -147,7 +148,7 @@ def padding_free(model: Any, setting: bool | str = "auto") -> bool:
     :func:`varlen_unsupported` finds. ``true`` where it cannot run is a :class:`ConfigError`."""
     if setting is False:
         return False
-    lm = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    lm = unwrapped(model)
     reason = varlen_unsupported(lm)
     if reason is not None and setting is True:
         raise ConfigError(

@@ -30,6 +30,7 @@ from typing import Any
 
 from finetune_kit.data.encode import IGNORE_INDEX
 from finetune_kit.errors import ConfigError
+from finetune_kit.models.adapters import unwrapped
 
 LOGIT_BUDGET_BYTES = 2**28
 """Float32 logits held per chunk (256 MiB): 441 tokens of a 152k vocabulary, 2,048 of a 32k one."""
@@ -78,15 +79,9 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(16, LOGIT_BUDGET_BYTES // (4 * max(vocab_size, 1)))
 
 
-def causal_lm(model: Any) -> Any:
-    """The ``*ForCausalLM`` module inside ``model`` (itself, or the base of a PEFT wrapper)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def supports_chunked_loss(model: Any) -> bool:
     """True when ``model``'s forward is decoder + linear head + plain cross-entropy (what the chunked loss replaces)."""
-    lm = causal_lm(model)
+    lm = unwrapped(model)
     config = getattr(lm, "config", None)
     if config is None or not type(lm).__name__.endswith("ForCausalLM"):
         return False
@@ -110,7 +105,7 @@ def chunked_loss(model: Any, *, enabled: bool = True) -> Iterator[bool]:
     if not enabled or not supports_chunked_loss(model):
         yield False
         return
-    lm = causal_lm(model)
+    lm = unwrapped(model)
     own = lm.forward
     wrapped = lm.__dict__.get("forward")  # an instance forward already there (accelerate's device hooks)
     lm.forward = functools.partial(_chunked_forward, lm, own)
