@@ -79,9 +79,11 @@ class _Seq:
             self.done = self.text.stopped or len(self.row) >= self.max_new
         if self.done:
             final = finish(self.lm, self.row, len(self.prompt), self.req.generation, self.req.stop)
-            sent = self.text.sent if self.text is not None and self.req.stream else ""
-            if self.req.stream and len(final.text) > len(sent) and final.text.startswith(sent):
-                self.sink(final.text[len(sent) :])  # a held-back tail that was no stop string
+            if self.req.stream:
+                assert self.text is not None  # followed whenever the request streams
+                rest = self.text.rest(final.text)
+                if rest:
+                    self.sink(rest)
             self.sink(final)
 
 

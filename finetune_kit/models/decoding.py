@@ -142,9 +142,9 @@ def stream_ids(
         raise holder["error"]
     row = holder["out"][0, len(prompt) :].tolist()
     final = finish(lm, row, len(prompt), gen, stop)
-    sent = text.sent
-    if not text.stopped and len(final.text) > len(sent) and final.text.startswith(sent):
-        yield final.text[len(sent) :]  # the held-back tail turned out not to be a stop string
+    rest = "" if text.stopped else text.rest(final.text)
+    if rest:
+        yield rest
     yield final
 
 

@@ -40,6 +40,12 @@ class IncrementalText:
         """Everything returned so far."""
         return self._seen[: self._sent]
 
+    def rest(self, final: str) -> str:
+        """What the finished reply ``final`` adds to the text returned so far: a held-back tail that
+        turned out to start no stop string ("" when ``final`` does not continue it)."""
+        sent = self.sent
+        return final[len(sent) :] if len(final) > len(sent) and final.startswith(sent) else ""
+
     def push(self, token: int) -> str:
         """Add one generated token; return the new text that is safe to show (maybe empty)."""
         if self.stopped:
