@@ -44,6 +44,23 @@ def segment_starts(positions: Sequence[int]) -> list[int]:
     return [i for i, p in enumerate(positions) if i == 0 or p != positions[i - 1] + 1]
 
 
+def training_row(row: dict[str, Any]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """``(input_ids, labels, position_ids, example starts)`` of one row as training sees it: a packed
+    row without its trailing padding, a plain row numbered from 0, and the first label of every
+    example ignored (no example is predicted from the end of the one before it)."""
+    if "position_ids" in row:
+        n = real_length(row["position_ids"])
+        positions = list(row["position_ids"][:n])
+    else:
+        n = len(row["input_ids"])
+        positions = list(range(n))
+    labels = list(row["labels"][:n])
+    starts = segment_starts(positions)
+    for start in starts:
+        labels[start] = IGNORE_INDEX
+    return list(row["input_ids"][:n]), labels, positions, starts
+
+
 @dataclass(frozen=True)
 class PackedCollator:
     """Collate packed rows (``input_ids``, ``labels``, ``position_ids``) into a padding-free batch.
@@ -61,21 +78,18 @@ class PackedCollator:
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        lengths = [real_length(row["position_ids"]) for row in rows]
-        width = max(lengths)
+        pieces = [training_row(row) for row in rows]
+        width = max(len(ids) for ids, _, _, _ in pieces)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-            pos = list(row["position_ids"][:n])
-            lab = list(row["labels"][:n])
-            for start in segment_starts(pos):
-                lab[start] = IGNORE_INDEX
-            ids[i, :n] = torch.as_tensor(row["input_ids"][:n])
-            labels[i, :n] = torch.as_tensor(lab)
-            positions[i, :n] = torch.as_tensor(pos)
+        for i, (row_ids, row_labels, row_positions, _) in enumerate(pieces):
+            n = len(row_ids)
+            ids[i, :n] = torch.as_tensor(row_ids)
+            labels[i, :n] = torch.as_tensor(row_labels)
+            positions[i, :n] = torch.as_tensor(row_positions)
         # a key-value cache (use_cache defaults to true in most configs) turns the packed-sequence detection off
         return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
 
@@ -102,23 +116,13 @@ class VarlenCollator:
         labels: list[int] = []
         positions: list[int] = []
         bounds = [0]
-        for row in rows:
-            if "position_ids" in row:  # a packed row: its examples, without its trailing padding
-                n = real_length(row["position_ids"])
-                pos = list(row["position_ids"][:n])
-            else:
-                n = len(row["input_ids"])
-                pos = list(range(n))
-            lab = list(row["labels"][:n])
-            starts = segment_starts(pos)
-            for start in starts:
-                lab[start] = IGNORE_INDEX
-            bounds += [len(ids) + s for s in starts[1:]] + [len(ids) + n]
-            ids += list(row["input_ids"][:n])
-            labels += lab
-            positions += pos
+        for row_ids, row_labels, row_positions, starts in map(training_row, rows):
+            bounds += [len(ids) + s for s in starts[1:]] + [len(ids) + len(row_ids)]
+            ids += row_ids
+            labels += row_labels
+            positions += row_positions
         cu = torch.tensor(bounds, dtype=torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
+        longest = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
