@@ -14,7 +14,11 @@ order (seed 42 samplers over the same encoded rows) and the same hyperparameters
   defaults make the batches padding-free);
 * ``fk_padded``: the plain YAML plus ``padding_free: false`` (padded batches, as LLaMA-Factory's);
 * ``fk_packed_liger`` (GPU only): the packed YAML plus ``enable_liger_kernel: true``;
-  ``fk_packed_liger_gc`` also ``gradient_checkpointing: true`` (LLaMA-Factory's memory regime).
+  ``fk_packed_liger_gc`` also ``gradient_checkpointing: true`` (LLaMA-Factory's memory regime);
+  ``fk_packed_liger_gc28`` checkpoints only the first 28 decoder layers
+  (``gradient_checkpointing_layers: 28``); ``fk_packed_liger_compile`` adds ``torch_compile: true``;
+* an ``_unfused`` suffix on a finetune_kit contender runs its YAML with LoRA's low-rank product added
+  as PEFT adds it (no ``addmm``), to measure that choice alone.
 
 Workloads: random-weight models of real shapes built from their configs (Qwen2.5-0.5B: batch 16,
 cutoff 1024; Llama-3-8B: batch 4, cutoff 2048), LoRA bf16, on generated alpaca rows written as a
@@ -42,8 +46,10 @@ from the one whose timings you report, as the profiler can slow the steps after 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -56,18 +62,33 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]  # train_methods' helpers; finetune_kit
 RESULTS = REPO / "benchmarks" / "results"
 CONTENDERS = ("peft", "lf", "fk", "fk_padded", "lf_packed", "fk_packed", "fk_packed_liger", "fk_packed_liger_gc")
-VARIANTS = {  # what each contender adds to the shared YAML (LLaMA-Factory and finetune_kit read the same keys)
-    "": {},
-    "_padded": {"padding_free": False},  # finetune_kit's padded batches, as LLaMA-Factory batches
-    "_packed": {"packing": True, "neat_packing": True},
-    "_packed_liger": {"packing": True, "neat_packing": True, "enable_liger_kernel": True},
-    "_packed_liger_gc": {
-        "packing": True,
-        "neat_packing": True,
-        "enable_liger_kernel": True,
-        "gradient_checkpointing": True,
-    },
+# what each word of a contender's name adds to the shared YAML (LLaMA-Factory and finetune_kit read the same
+# keys; the last three are finetune_kit's): fk_packed_liger_gc28 = packing + Liger + checkpointing in 28 layers
+WORDS = {
+    "padded": {"padding_free": False},  # finetune_kit's padded batches, as LLaMA-Factory batches
+    "packed": {"packing": True, "neat_packing": True},
+    "liger": {"enable_liger_kernel": True},
+    "gc": {"gradient_checkpointing": True},
+    "compile": {"torch_compile": True},
 }
+
+
+def variant(name: str) -> dict[str, Any]:
+    """The YAML keys a contender's name adds (``gcN``: checkpointing in the first N decoder layers only)."""
+    keys: dict[str, Any] = {}
+    for word in name.split("_")[1:]:
+        layers = re.fullmatch(r"gc(\d+)", word)
+        if word not in WORDS and not layers:
+            raise SystemExit(f"unknown contender word {word!r} in {name!r}; known: {', '.join(WORDS)}, gcN")
+        keys.update(WORDS["gc"] if layers else WORDS[word])
+        if layers:
+            keys["gradient_checkpointing_layers"] = int(layers.group(1))
+    return keys
+
+
+# an ablation suffix on a finetune_kit contender: the same YAML with one kernel choice undone in its process
+ABLATIONS = {"_unfused": "fused_lora"}  # e.g. fk_packed_liger_unfused: LoRA's product added as PEFT adds it
+ABLATE_ENV = "TRAIN_SPEED_ABLATE"
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PROBE_ENV = "TRAIN_SPEED_PROBE"  # "<json path>:<warmup steps>"
 PROFILE_ENV = "TRAIN_SPEED_PROFILE"  # profile the last N warm-up steps of each contender (torch.profiler)
@@ -199,6 +220,10 @@ def child(kind: str, arg: str) -> int:
         return 0
     if kind == "fk":
         from finetune_kit.cli.main import main as fk_main
+        from finetune_kit.train import run
+
+        if os.environ.get(ABLATE_ENV) == "fused_lora":
+            run.fused_lora = lambda model, enabled=True: contextlib.nullcontext(0)  # type: ignore[assignment]
 
         return fk_main(["train", arg])
     return train_peft(json.loads(Path(arg).read_text()))
@@ -443,11 +468,13 @@ def run_workload(opts: argparse.Namespace, workload: str, data_kind: str, result
         if name.startswith("lf") and not opts.lf_site:
             results[name] = {"skipped": "no --lf-site"}
             continue
-        suffix = name.split("_", 1)[1] if "_" in name else ""
-        values = {**base, **VARIANTS["_" + suffix if suffix else ""], "output_dir": str(runs / name)}
+        ablation = next((a for a in ABLATIONS if name.endswith(a) and name.startswith("fk")), "")
+        values = {**base, **variant(name.removesuffix(ablation)), "output_dir": str(runs / name)}
         probe, log = runs / f"{name}.probe.json", runs / f"{name}.log"
         probe.unlink(missing_ok=True)
         env = dict(env0, **{PROBE_ENV: f"{probe}:{warmup}"})
+        if ablation:
+            env[ABLATE_ENV] = ABLATIONS[ablation]
         if opts.profile and gpu:
             env[PROFILE_ENV] = str(min(opts.profile, warmup - 1))
         if name == "peft":
@@ -492,15 +519,8 @@ def ratios(results: dict) -> dict:
         return r.get("real_tokens_per_s")
 
     out = {}
-    for a, b in (
-        ("fk", "lf"),
-        ("fk_padded", "lf"),
-        ("fk_packed", "lf"),
-        ("fk_packed", "lf_packed"),
-        ("fk", "peft"),
-        ("fk_packed_liger", "lf"),
-        ("fk_packed_liger_gc", "lf"),
-    ):
+    mine = [name for name in results if name.startswith("fk")]
+    for a, b in (*[(name, "lf") for name in mine], ("fk_packed", "lf_packed"), ("fk", "peft")):
         if rate(a) and rate(b):
             out[f"{a}/{b}"] = round(rate(a) / rate(b), 2)
     return out

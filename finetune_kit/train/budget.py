@@ -1,7 +1,8 @@
 """A trainer's GPU memory plan: :mod:`finetune_kit.train.vram` fed from a :class:`LoraTrainer`'s settings.
 
 ``LoraTrainer.plan()`` and ``finetune-kit train --plan`` print it; ``gradient_checkpointing:
-auto`` (the default) asks it whether training fits the GPU without recomputing activations.
+auto`` (the default) asks it whether training fits the GPU without recomputing activations, and if
+not, how few decoder layers need to recompute theirs.
 Only the model's ``config.json`` is read, never its weights.
 """
 
@@ -16,10 +17,9 @@ from finetune_kit.train.vram import (
     MemoryInputs,
     MemoryPlan,
     ModelShape,
-    needs_checkpointing,
+    checkpointed_layers_needed,
     plan_memory,
     suggest,
-    visible_gpu_bytes,
 )
 
 if TYPE_CHECKING:
@@ -67,7 +67,12 @@ class TrainingPlan:
 
 
 def memory_inputs(
-    trainer: LoraTrainer, tokens: TokenizedDataset | None = None, *, checkpointing: bool, gpus: int | None = None
+    trainer: LoraTrainer,
+    tokens: TokenizedDataset | None = None,
+    *,
+    checkpointing: bool,
+    layers: int | None = None,
+    gpus: int | None = None,
 ) -> MemoryInputs:
     """:class:`MemoryInputs` for ``trainer`` on ``gpus`` GPUs (default: the launched processes, 1 alone).
 
@@ -97,6 +102,7 @@ def memory_inputs(
         seq_len=seq_len,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         gradient_checkpointing=checkpointing,
+        checkpoint_layers=layers if checkpointing else None,
         zero_stage=cast("Literal[0, 1, 2, 3]", stage),
         offload_optimizer=offload_optimizer,
         offload_param=offload_param,
@@ -113,8 +119,8 @@ def plan_trainer(
     ``gpus`` processes (default: the launched ones, 1 alone; ``finetune-kit train --plan`` passes
     the number it would launch)."""
     shape = _shape(trainer)
-    checkpointing = resolve_checkpointing(trainer, tokens, shape=shape, gpus=gpus)
-    inputs = memory_inputs(trainer, tokens, checkpointing=checkpointing, gpus=gpus)
+    checkpointing, layers = resolve_checkpoint_layers(trainer, tokens, shape=shape, gpus=gpus)
+    inputs = memory_inputs(trainer, tokens, checkpointing=checkpointing, layers=layers, gpus=gpus)
     visible = visible_gpu_bytes()
     gpu_bytes = min(visible) if visible else None
     memory = plan_memory(shape, inputs)
@@ -129,24 +135,47 @@ def resolve_checkpointing(
 ) -> bool:
     """``gradient_checkpointing`` as a bool: ``auto`` is on only when a CUDA GPU is visible and the
     plan without it does not fit the smallest one."""
-    value = trainer.training.gradient_checkpointing
-    if isinstance(value, bool):
-        return value
+    return resolve_checkpoint_layers(trainer, tokens, shape=shape, gpus=gpus)[0]
+
+
+def resolve_checkpoint_layers(
+    trainer: LoraTrainer, tokens: TokenizedDataset | None = None, *, shape: Any = None, gpus: int | None = None
+) -> tuple[bool, int | None]:
+    """Whether activations are recomputed, and in how many decoder layers (the first n; None: all).
+
+    ``gradient_checkpointing_layers`` when given; with ``auto`` otherwise the fewest layers with
+    which the memory plan fits the smallest visible GPU (recomputing fewer layers is faster)."""
+    t = trainer.training
+    chosen = t.gradient_checkpointing_layers
+    if isinstance(t.gradient_checkpointing, bool):
+        return t.gradient_checkpointing, chosen if t.gradient_checkpointing else None
     visible = visible_gpu_bytes()
     if not visible:
-        return False
+        return False, None
+    shape = shape or _shape(trainer)
     inputs = memory_inputs(trainer, tokens, checkpointing=False, gpus=gpus)
-    return bool(needs_checkpointing(shape or _shape(trainer), inputs, min(visible)))
+    needed = checkpointed_layers_needed(shape, inputs, min(visible))
+    if not needed:
+        return False, None
+    return True, chosen or (needed if needed < shape.num_hidden_layers else None)
 
 
 def describe_checkpointing(trainer: LoraTrainer, tokens: TokenizedDataset | None = None) -> str:
     """Gradient checkpointing as it will run, and why when ``auto`` chose it (for ``explain()``)."""
-    state = "on" if resolve_checkpointing(trainer, tokens) else "off"
+    on, layers = resolve_checkpoint_layers(trainer, tokens)
+    state = ("on" + (f" in the first {layers} decoder layers" if layers else "")) if on else "off"
     if trainer.training.gradient_checkpointing != "auto":
         return state
     if not visible_gpu_bytes():
         return f"{state} (auto: no CUDA GPU)"
-    return f"{state} (auto: the memory plan {'needs it' if state == 'on' else 'fits without it'})"
+    return f"{state} (auto: the memory plan {'needs it' if on else 'fits without it'})"
+
+
+def visible_gpu_bytes() -> list[int]:
+    """Total memory (bytes) of each visible CUDA GPU; empty without CUDA."""
+    import torch
+
+    return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
 
 
 def _shape(trainer: LoraTrainer) -> Any:

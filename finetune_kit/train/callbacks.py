@@ -2,7 +2,7 @@
 
 :func:`finetune_kit.train.progress.console_callbacks` picks them; the text they print is built
 by :mod:`finetune_kit.train.metrics`. Everything here runs on the main process only
-(``state.is_world_process_zero``).
+(``state.is_world_process_zero``), except :class:`CheckpointFirstLayers`, which every process runs.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 from transformers import TrainerCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from finetune_kit._artifacts import TRAINER_LOG
 from finetune_kit.train.metrics import (
@@ -274,6 +275,22 @@ class LivePlotCallback(_Clocked):
             self.plot = display(image, display_id=True)
         else:
             self.plot.update(image)
+
+
+class CheckpointFirstLayers(TrainerCallback):
+    """Selective gradient checkpointing: once the trainer has turned checkpointing on in every decoder
+    layer, it stays on in the first ``layers`` only; the others keep their activations for the backward
+    pass instead of recomputing them (``gradient_checkpointing_layers``)."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+        self.checkpointed: list[bool] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        decoder = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for i, layer in enumerate(decoder):
+            layer.gradient_checkpointing = layer.gradient_checkpointing and i < self.layers
+        self.checkpointed = [layer.gradient_checkpointing for layer in decoder]
 
 
 def _step_of(line: str) -> int:

@@ -178,7 +178,12 @@ class TrainingConfig(StageConfig):
     gradient_checkpointing: bool | Literal["auto"] = option(
         "auto",
         "Recompute activations to save memory: true, false, or auto (on only when the memory plan says training "
-        "would not fit the GPU without it; off on CPU).",
+        "would not fit the GPU without it, and then only in as many decoder layers as it needs; off on CPU).",
+    )
+    gradient_checkpointing_layers: int | None = option(
+        None,
+        "With gradient checkpointing on: recompute only the first N decoder layers; the others keep their "
+        "activations (faster, more memory). Default: all of them, or with auto the fewest the memory plan needs.",
     )
     group_by_length: bool = option(False, "Batch examples of similar length together: less padding, faster steps.")
     chunked_loss: bool = option(
@@ -197,6 +202,11 @@ class TrainingConfig(StageConfig):
         False,
         "sft/pt: patch the model with Liger's Triton kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); "
         "needs a CUDA GPU and the liger-kernel package.",
+    )
+    torch_compile: bool = option(
+        False,
+        "Compile each decoder layer with torch.compile while training: fewer, fused kernels (the first steps "
+        "are slower while it compiles; needs a C++ compiler on CPU and Triton on GPU).",
     )
     seed: int = option(42, "Random seed for data order and initialisation.")
     plot_loss: bool = option(False, "Write training_loss.png (and training_eval_loss.png) to output_dir.")
@@ -242,6 +252,14 @@ class TrainingConfig(StageConfig):
             problems.append(f"ddp_timeout: got {self.ddp_timeout}; expected seconds >= 1")
         if self.bf16 and self.fp16:
             problems.append("bf16 and fp16 are both true; pick one")
+        layers = self.gradient_checkpointing_layers
+        if layers is not None and layers < 1:
+            problems.append(f"gradient_checkpointing_layers: got {layers}; expected a positive number of layers")
+        if layers is not None and self.gradient_checkpointing is False:
+            problems.append(
+                "gradient_checkpointing_layers is set but gradient_checkpointing is false; "
+                "set gradient_checkpointing: true (or auto), or remove gradient_checkpointing_layers"
+            )
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio: got {self.warmup_ratio}; expected a value in [0, 1)")
         return problems

@@ -24,7 +24,7 @@ from finetune_kit.train.loss import chunked_loss
 from finetune_kit.train.plot import plot_loss
 from finetune_kit.train.progress import check_trackers, console_callbacks
 from finetune_kit.train.safety import SafeTrainerMixin, guard_signals, training_error
-from finetune_kit.train.speed import no_cudnn_attention, no_input_casts
+from finetune_kit.train.speed import compiled_layers, fused_lora, no_cudnn_attention, no_input_casts
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -141,6 +141,10 @@ def fit(
     base = objective.trainer
     cls = type("Safe" + base.__name__, (SafeTrainerMixin, base), {})
     add, remove = console_callbacks(out, disable_tqdm=t.disable_tqdm)
+    if t.gradient_checkpointing is True and t.gradient_checkpointing_layers:
+        from finetune_kit.train.callbacks import CheckpointFirstLayers
+
+        add.append(CheckpointFirstLayers(t.gradient_checkpointing_layers))
     kwargs: dict[str, Any] = dict(
         model=model,
         args=args,
@@ -171,7 +175,9 @@ def fit(
         chunked_loss(model, enabled=chunked),
         varlen_training(model, enabled=varlen),
         no_input_casts(model, mixed_precision=t.bf16 or t.fp16),
+        fused_lora(model, enabled=not sharded(t)),  # it reads lora_B's weight outside lora_B's forward
         no_cudnn_attention(),
+        compiled_layers(model, enabled=t.torch_compile),
     ):
         # a signal stop raises TrainingInterrupted on leaving
         try:

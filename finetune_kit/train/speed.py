@@ -1,4 +1,4 @@
-"""Two kernel choices that make a training step cheaper without changing what it computes.
+"""Kernel choices that make a training step cheaper without changing what it computes.
 
 * :func:`no_input_casts`: under bf16/fp16 mixed precision PEFT casts every LoRA layer's input to
   the adapter's float32 (a full copy of the activations), and autocast casts it straight back to
@@ -11,6 +11,17 @@
   cuDNN's attention in recent PyTorch releases, which cost about 14 ms of host time per layer
   call on an H200 with batches whose length changes every step (more than the GPU work of the
   whole layer). While training, SDPA picks among flash, memory-efficient and math kernels only.
+* :func:`fused_lora`: PEFT adds an adapter's output as ``result + lora_B(lora_A(x)) * scaling``,
+  which writes the low-rank product, scales it and adds it in three passes over an activation-sized
+  tensor (and one more pass in the backward). While training, plain LoRA layers (one active adapter,
+  no dropout, no bias, no variant such as DoRA) compute it as one ``addmm`` with the scale as its
+  ``alpha``: the matrix library adds into the base layer's output in the same kernel. It is the same
+  sum with one rounding fewer. On a packed Llama-3-8B-shape step those passes were a tenth of the
+  GPU time.
+* :func:`compiled_layers` (``torch_compile: true``): each decoder layer goes through
+  ``torch.compile``, which fuses its elementwise work (norms, rotary embedding, residual adds, the
+  activation) into fewer kernels and cuts the launches the host has to issue. All layers of one
+  model share one compiled graph; shapes that change between batches are compiled once as dynamic.
 """
 
 from __future__ import annotations
@@ -53,3 +64,83 @@ def no_cudnn_attention() -> Any:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _fusable(layer: Any, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The adapter ``layer``'s forward can fuse for ``x``, or None (PEFT's own forward then runs)."""
+    import torch
+
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in layer.lora_variant or layer.lora_bias.get(name, False):
+        return None
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity) or layer.fan_in_fan_out:
+        return None
+    # outside autocast the product needs one dtype (a bf16 base with float32 adapters does not)
+    same = x.dtype == layer.lora_A[name].weight.dtype == layer.lora_B[name].weight.dtype
+    return name if same or torch.is_autocast_enabled(x.device.type) else None
+
+
+def _fused_forward(layer: Any) -> Any:
+    """A forward for the PEFT LoRA ``layer`` that adds the scaled low-rank product in one ``addmm``."""
+    import torch
+
+    peft_forward = type(layer).forward
+
+    def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+        name = _fusable(layer, x, args, kwargs)
+        if name is None:
+            return peft_forward(layer, x, *args, **kwargs)
+        result = layer.base_layer(x)
+        low = layer.lora_A[name](layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype))
+        b = layer.lora_B[name].weight  # (out, r): read directly, so not under ZeRO-3/FSDP sharding
+        flat = torch.addmm(
+            result.reshape(-1, result.shape[-1]),
+            low.reshape(-1, low.shape[-1]),
+            b.t(),
+            alpha=layer.scaling[name],
+        )
+        return flat.view(result.shape).to(result.dtype)
+
+    return forward
+
+
+@contextmanager
+def fused_lora(model: Any, *, enabled: bool = True) -> Iterator[int]:
+    """While inside, ``model``'s PEFT LoRA linear layers add their output with one ``addmm`` (yields how many).
+
+    Not ``enabled`` (ZeRO-3/FSDP, where a layer's weights exist only inside its own forward), or
+    without LoRA linear layers, nothing changes. Layers whose setting cannot fuse (dropout, DoRA and
+    other variants, several active adapters, a disabled or merged adapter) keep PEFT's forward, call
+    by call.
+    """
+    from peft.tuners.lora.layer import Linear
+
+    layers = [m for m in model.modules() if type(m) is Linear] if enabled else []
+    for layer in layers:
+        layer.forward = _fused_forward(layer)  # type: ignore[method-assign]
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+@contextmanager
+def compiled_layers(model: Any, *, enabled: bool) -> Iterator[int]:
+    """While inside, every decoder layer of ``model`` runs compiled by ``torch.compile`` (yields how many).
+
+    The layers are found as transformers' checkpointable decoder layers; leaving undoes it (the
+    saved model and later generation run the plain layers).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if enabled else []
+    for layer in layers:
+        layer.compile()
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None

@@ -20,7 +20,7 @@ from finetune_kit.models.loaded import LoadedModel
 from finetune_kit.models.loader import LoadPlan, load_tokenizer, plan_load
 from finetune_kit.models.quantize import check_quantization, is_quantized
 from finetune_kit.models.source import ModelSource
-from finetune_kit.train.budget import TrainingPlan, plan_trainer, resolve_checkpointing
+from finetune_kit.train.budget import TrainingPlan, plan_trainer, resolve_checkpoint_layers
 from finetune_kit.train.config import LoraConfig, MethodConfig, PreferenceConfig, TrainingConfig
 from finetune_kit.train.distributed import check_sharding, forget_zero3, sharded, wait_for_everyone, world_size
 from finetune_kit.train.explain import explain_trainer
@@ -233,8 +233,8 @@ class LoraTrainer:
         eval_set = self._tokenize(eval_data, keep=False) if eval_data is not None else None
         wait_for_everyone()  # launched: every process has looked at output_dir before rank 0 writes there
         check_stage(m, per_device_train_batch_size=t.per_device_train_batch_size, streaming=train_set.streaming)
-        checkpointing = resolve_checkpointing(self, train_set)
-        t = t.with_(gradient_checkpointing=checkpointing)
+        checkpointing, layers = resolve_checkpoint_layers(self, train_set)
+        t = t.with_(gradient_checkpointing=checkpointing, gradient_checkpointing_layers=layers)
         goal = objective(m, self.preference, self.lora)
         # before loading: Accelerate's state lives in the arguments
         args = training_arguments(t, has_eval=eval_set is not None, cls=goal.arguments, **goal.arguments_kwargs)

@@ -200,6 +200,7 @@ class MemoryInputs:
     seq_len: int = 1024  # tokens per row after padding (worst case: cutoff_len)
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
+    checkpoint_layers: int | None = None  # with checkpointing: only the first n decoder layers (None: all)
     zero_stage: Literal[0, 1, 2, 3] = 0  # 0: single GPU or plain DDP; 1-3: DeepSpeed ZeRO
     offload_optimizer: bool = False  # ZeRO: optimizer states (and master weights) in CPU memory
     offload_param: bool = False  # ZeRO-3: 16-bit weights in CPU memory too
@@ -219,6 +220,7 @@ class MemoryInputs:
             *[
                 (getattr(self, k) >= 1, f"{k}: got {getattr(self, k)}; expected a positive integer")
                 for k in ("lora_rank", "micro_batch", "seq_len", "gradient_accumulation_steps", "n_gpus")
+                + (("checkpoint_layers",) if self.checkpoint_layers is not None else ())
             ],
             (
                 self.freeze_trainable_layers != 0,
@@ -255,7 +257,8 @@ class MemoryInputs:
         parts = [method, self.dtype, f"batch {self.micro_batch} x {self.seq_len} tokens"]
         if self.gradient_accumulation_steps > 1:
             parts.append(f"accumulation {self.gradient_accumulation_steps}")
-        parts.append("gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing")
+        layers = f" ({self.checkpoint_layers} layers)" if self.checkpoint_layers else ""
+        parts.append(f"gradient checkpointing{layers}" if self.gradient_checkpointing else "no gradient checkpointing")
         if self.zero_stage:
             off = " + offload" if self.offload_optimizer or self.offload_param else ""
             parts.append(f"ZeRO-{self.zero_stage}{off}")
@@ -346,9 +349,11 @@ def plan_memory(shape: ModelShape, inputs: MemoryInputs) -> MemoryPlan:
 
     logits = LOGITS_BYTES * (min(tokens, chunk_tokens(V)) if x.chunked_loss else tokens) * V
     head = HEAD_BYTES * h * tokens * scale
-    if x.gradient_checkpointing:
-        kept = sum(ACTIVATIONS[r].checkpoint * h * tokens * scale for r, _ in regimes) + head
-        workspace = GC_LAYER_WORKSPACE * max(layer_bytes(r) for r, _ in regimes)
+    if x.gradient_checkpointing:  # the first c layers keep only their input; the others all they need
+        c = min(x.checkpoint_layers or L, L)
+        kept = sum(ACTIVATIONS[r].checkpoint * h * tokens * scale for r, _ in regimes[:c]) + head
+        kept += sum(layer_bytes(r) for r, keeps in regimes[c:] if keeps)
+        workspace = GC_LAYER_WORKSPACE * max(layer_bytes(r) for r, _ in regimes[:c])
         activations, logits = (kept + workspace, 0.0) if workspace > logits else (kept, logits)
     else:
         activations = sum(layer_bytes(r) for r, keeps in regimes if keeps) + head
@@ -371,17 +376,15 @@ def plan_memory(shape: ModelShape, inputs: MemoryInputs) -> MemoryPlan:
     return MemoryPlan(shape, inputs, {k: round(v) for k, v in parts.items()}, phase)
 
 
-def needs_checkpointing(shape: ModelShape, inputs: MemoryInputs, gpu_bytes: int, headroom: float = 0.9) -> bool:
-    """True when the run without gradient checkpointing does not fit ``headroom`` of the GPU
-    (``gradient_checkpointing: auto`` turns it on then)."""
-    return not plan_memory(shape, inputs.with_(gradient_checkpointing=False)).fits(gpu_bytes, headroom)
-
-
-def visible_gpu_bytes() -> list[int]:
-    """Total memory (bytes) of each visible CUDA GPU; empty without CUDA."""
-    import torch
-
-    return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+def checkpointed_layers_needed(shape: ModelShape, inputs: MemoryInputs, gpu_bytes: int, headroom: float = 0.9) -> int:
+    """How many decoder layers must recompute their activations for the run to fit ``headroom`` of
+    the GPU: 0 when it fits without, all of them when even that is not enough (``gradient_checkpointing:
+    auto`` checkpoints this many: the fewer, the faster)."""
+    plans = (
+        plan_memory(shape, inputs.with_(gradient_checkpointing=k > 0, checkpoint_layers=k or None))
+        for k in range(shape.num_hidden_layers)
+    )
+    return next((k for k, plan in enumerate(plans) if plan.fits(gpu_bytes, headroom)), shape.num_hidden_layers)
 
 
 def suggest(
@@ -392,9 +395,6 @@ def suggest(
     a smaller micro-batch with more gradient accumulation (same global batch); QLoRA (for LoRA);
     ZeRO-3 (``deepspeed: ds_z3``) on these or more GPUs; ZeRO-3 with CPU offload. A change that is
     not enough alone comes combined with checkpointing and/or a smaller micro-batch. Empty when the
-    run fits already. Example::
-
-        for change, plan in suggest(shape, inputs, 80 * 2**30):
-            print(f"{change}: {plan.gib:.1f} GiB")    # gradient_checkpointing: true: 31.1 GiB
+    run fits already: ``for change, plan in suggest(shape, inputs, 80 * 2**30): print(change, plan.gib)``.
     """
     return cheaper_changes(lambda x: plan_memory(shape, x), inputs, gpu_bytes, headroom)

@@ -257,3 +257,79 @@ def test_lora_trainer_trains_padding_free_by_default_on_gpu(tiny_qwen2_dir: Path
         logs[setting] = [e for e in result.log_history if "loss" in e and "step" in e]
     assert logs["auto"][0]["loss"] == pytest.approx(logs[False][0]["loss"], rel=1e-2)
     assert logs["auto"][0]["grad_norm"] == pytest.approx(logs[False][0]["grad_norm"], rel=5e-2)
+
+
+def test_fused_lora_and_compiled_layers_keep_the_numbers_on_gpu():
+    """LoRA added with one addmm, and the decoder layers compiled, over a padding-free row in bf16 autocast:
+    the loss and adapter gradients of PEFT's own forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune_kit.data.packed import VarlenCollator
+    from finetune_kit.models.varlen import varlen_training
+    from finetune_kit.train.speed import compiled_layers, fused_lora, no_input_casts
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_implementation="sdpa",
+    )  # fmt: skip
+    base = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for length, prompt in ((37, 5), (200, 60), (3, 0), (129, 1)):
+        ids = torch.randint(1, 512, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in VarlenCollator()(rows).items()}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with varlen_training(model):
+        want_loss, want = step()
+        with no_input_casts(model, mixed_precision=True), fused_lora(model) as fused:
+            assert fused == 14
+            runs = [step()]
+            with compiled_layers(model, enabled=True):
+                runs += [step(), step()]  # the second call runs the compiled graph as compiled
+    for loss, grads in runs:
+        torch.testing.assert_close(loss, want_loss, rtol=2e-3, atol=2e-3)
+        assert grads.keys() == want.keys() and len(want) == 28
+        for name, w in want.items():
+            cos = torch.nn.functional.cosine_similarity(grads[name].flatten(), w.flatten(), dim=0)
+            assert cos > 0.995, (name, float(cos))
+
+
+def test_lora_trainer_with_compiled_layers_and_selective_checkpointing_on_gpu(tiny_qwen2_dir: Path, tmp_path: Path):
+    """torch_compile and gradient_checkpointing_layers through LoraTrainer: the first steps' losses of a plain run."""
+    from finetune_kit import DatasetRegistry, LoraTrainer, ModelSource
+
+    data = DatasetRegistry.from_dir(write_rows(tmp_path / "d")).load("t")
+    model = ModelSource.local(tiny_qwen2_dir).load(template="qwen")
+    logs = {}
+    for name, extra in (
+        ("plain", {"gradient_checkpointing": False}),
+        ("tuned", {"torch_compile": True, "gradient_checkpointing": True, "gradient_checkpointing_layers": 1}),
+    ):
+        result = (
+            LoraTrainer(model)
+            .with_lora(lora_rank=8)
+            .with_data(cutoff_len=64)
+            .with_training(
+                output_dir=str(tmp_path / f"out-{name}"),
+                max_steps=3,
+                bf16=True,
+                per_device_train_batch_size=8,
+                logging_steps=1,
+                save_strategy="no",
+                disable_tqdm=True,
+                **extra,
+            )  # fmt: skip
+        ).train(data)
+        logs[name] = [e["loss"] for e in result.log_history if "loss" in e and "step" in e]
+    assert logs["tuned"] == pytest.approx(logs["plain"], rel=2e-2)

@@ -65,7 +65,7 @@ def test_auto_checkpointing_turns_on_only_when_needed(h100, tiny_llama_dir: Path
     assert resolve_checkpointing(big.with_training(gradient_checkpointing=False)) is False  # an explicit choice wins
     plan = big.plan()
     assert plan.fits is True and plan.inputs.gradient_checkpointing is True
-    assert "checkpointing:    on (auto: the memory plan needs it)" in big.explain()
+    assert "(auto: the memory plan needs it)" in big.explain()  # in some of the layers: test_selective_checkpointing
 
 
 def test_a_plan_that_does_not_fit_names_the_cheapest_fix(h100, tiny_llama_dir: Path):

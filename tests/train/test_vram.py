@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from finetune_kit.errors import ConfigError
+from finetune_kit.train.budget import visible_gpu_bytes
 from finetune_kit.train.config import MethodConfig
 from finetune_kit.train.lora import count_lora_params
 from finetune_kit.train.methods import freeze_plan
@@ -20,10 +21,9 @@ from finetune_kit.train.vram import (
     PROJECTIONS,
     MemoryInputs,
     ModelShape,
-    needs_checkpointing,
+    checkpointed_layers_needed,
     plan_memory,
     suggest,
-    visible_gpu_bytes,
 )
 from finetune_kit.train.vram_report import PARTS
 
@@ -170,7 +170,7 @@ def test_sanity_against_h100_measurements(qwen, llama):
 def test_8b_lora_long_rows_suggest_checkpointing_first(llama):
     x = MemoryInputs(micro_batch=4, seq_len=2048)
     assert not plan_memory(llama, x).fits(GPU_80)
-    assert needs_checkpointing(llama, x, GPU_80)
+    assert checkpointed_layers_needed(llama, x, GPU_80) > 0
     changes = suggest(llama, x, GPU_80)
     change, plan = changes[0]
     assert change == "gradient_checkpointing: true"
@@ -193,7 +193,7 @@ def test_a_run_that_fits_needs_no_change(qwen):
     x = MemoryInputs(micro_batch=2, seq_len=512)
     assert plan_memory(qwen, x).fits(GPU_80)
     assert suggest(qwen, x, GPU_80) == []
-    assert not needs_checkpointing(qwen, x, GPU_80)
+    assert checkpointed_layers_needed(qwen, x, GPU_80) == 0
 
 
 def test_smaller_batch_keeps_the_global_batch(qwen):
