@@ -24,7 +24,7 @@ from finetune_kit.train.loss import chunked_loss
 from finetune_kit.train.plot import plot_loss
 from finetune_kit.train.progress import check_trackers, console_callbacks
 from finetune_kit.train.safety import SafeTrainerMixin, guard_signals, training_error
-from finetune_kit.train.speed import compiled_layers, fused_lora, no_cudnn_attention, no_input_casts
+from finetune_kit.train.speed import compiled_layers, compiles, fused_lora, no_cudnn_attention, no_input_casts
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -177,7 +177,11 @@ def fit(
         no_input_casts(model, mixed_precision=t.bf16 or t.fp16),
         fused_lora(model, enabled=not sharded(t)),  # it reads lora_B's weight outside lora_B's forward
         no_cudnn_attention(),
-        compiled_layers(model, enabled=t.torch_compile),
+        compiled_layers(
+            model,
+            enabled=compiles(model, t.torch_compile, collates=objective.collates, sharded=sharded(t)),
+            fall_back=t.torch_compile == "auto",
+        ),
     ):
         # a signal stop raises TrainingInterrupted on leaving
         try:

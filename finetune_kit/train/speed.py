@@ -18,17 +18,20 @@
   ``alpha``: the matrix library adds into the base layer's output in the same kernel. It is the same
   sum with one rounding fewer. On a packed Llama-3-8B-shape step those passes were a tenth of the
   GPU time.
-* :func:`compiled_layers` (``torch_compile: true``): each decoder layer goes through
-  ``torch.compile``, which fuses its elementwise work (norms, rotary embedding, residual adds, the
-  activation) into fewer kernels and cuts the launches the host has to issue. All layers of one
-  model share one compiled graph; shapes that change between batches are compiled once as dynamic.
+* :func:`compiled_layers` (``torch_compile``, on by default for sft/pt on CUDA): each decoder layer
+  goes through ``torch.compile``, which fuses its elementwise work (norms, rotary embedding,
+  residual adds, the activation) into fewer kernels and cuts the launches the host has to issue.
+  All layers of one model share one compiled graph; shapes that change between batches are
+  compiled once as dynamic. Chosen by ``auto``, a layer that fails to compile runs as it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, Literal
+
+from finetune_kit.models.quantize import is_quantized
 
 
 def _adapters_cast_safely(model: Any) -> bool:
@@ -127,20 +130,39 @@ def fused_lora(model: Any, *, enabled: bool = True) -> Iterator[int]:
             del layer.forward
 
 
+def compiles(model: Any, setting: bool | Literal["auto"], *, collates: bool, sharded: bool) -> bool:
+    """Whether ``torch_compile: setting`` compiles ``model``'s decoder layers for this run.
+
+    ``auto``: on a CUDA GPU, for the stages whose batches finetune_kit collates (sft, pt), with
+    weights that are neither quantized nor sharded by ZeRO-3/FSDP (there the gain is unmeasured).
+    """
+    import torch
+
+    if setting != "auto":
+        return bool(setting)
+    return torch.cuda.is_available() and collates and not sharded and not is_quantized(model)
+
+
 @contextmanager
-def compiled_layers(model: Any, *, enabled: bool) -> Iterator[int]:
+def compiled_layers(model: Any, *, enabled: bool, fall_back: bool = False) -> Iterator[int]:
     """While inside, every decoder layer of ``model`` runs compiled by ``torch.compile`` (yields how many).
 
     The layers are found as transformers' checkpointable decoder layers; leaving undoes it (the
-    saved model and later generation run the plain layers).
+    saved model and later generation run the plain layers). With ``fall_back`` a graph that fails
+    to compile runs eagerly (dynamo's ``suppress_errors``, which logs the failure) instead of
+    stopping the run.
     """
+    import torch._dynamo
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if enabled else []
     for layer in layers:
         layer.compile()
+    suppress = torch._dynamo.config.suppress_errors
+    torch._dynamo.config.suppress_errors = suppress or (fall_back and bool(layers))
     try:
         yield len(layers)
     finally:
+        torch._dynamo.config.suppress_errors = suppress
         for layer in layers:
             layer._compiled_call_impl = None

@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch._dynamo
 from peft import LoraConfig, get_peft_model
 from test_packing import examples, padded, tiny
 
-from finetune_kit.train.speed import _fusable, compiled_layers, fused_lora, no_cudnn_attention, no_input_casts
+from finetune_kit.train.config import TrainingConfig
+from finetune_kit.train.speed import _fusable, compiled_layers, compiles, fused_lora, no_cudnn_attention, no_input_casts
 
 
 def lora_model(use_dora: bool = False):
@@ -140,3 +142,18 @@ def test_compiled_layers_give_the_same_loss_and_gradients_and_are_undone():
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5, msg=name)
     with compiled_layers(model, enabled=False) as count:
         assert count == 0
+
+
+def test_torch_compile_auto_is_off_without_cuda_and_an_explicit_choice_wins():
+    model = fp32_lora()
+    cuda = torch.cuda.is_available()
+    assert compiles(model, "auto", collates=True, sharded=False) is cuda
+    assert compiles(model, "auto", collates=False, sharded=False) is False  # dpo, kto, rm: trl's loops
+    assert compiles(model, "auto", collates=True, sharded=True) is False
+    assert compiles(model, True, collates=False, sharded=True) is True
+    assert compiles(model, False, collates=True, sharded=False) is False
+    before = torch._dynamo.config.suppress_errors
+    with compiled_layers(model, enabled=True, fall_back=True):
+        assert torch._dynamo.config.suppress_errors is True  # a failing graph runs uncompiled under auto
+    assert torch._dynamo.config.suppress_errors is before
+    assert TrainingConfig().torch_compile == "auto"
