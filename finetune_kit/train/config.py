@@ -206,7 +206,7 @@ class TrainingConfig(StageConfig):
     torch_compile: bool | Literal["auto"] = option(
         "auto",
         "Compile each decoder layer with torch.compile while training: fewer, fused kernels, the first steps "
-        "about half a minute slower. auto: on for sft/pt on a CUDA GPU (not quantized or ZeRO-3/FSDP-sharded "
+        "about half a minute slower. auto: on for sft/pt in a single process on a CUDA GPU (not quantized "
         "weights), a layer that fails to compile runs uncompiled; true: everywhere (a CPU needs a C++ "
         "compiler); false: never.",
     )

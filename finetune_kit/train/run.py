@@ -19,7 +19,7 @@ from finetune_kit._fs import write_json
 from finetune_kit.errors import FinetuneKitError
 from finetune_kit.models.adapters import quiet_checkpointing
 from finetune_kit.models.varlen import padding_free, varlen_training
-from finetune_kit.train.distributed import deepspeed_config, fsdp_config, sharded
+from finetune_kit.train.distributed import deepspeed_config, fsdp_config, sharded, world_size
 from finetune_kit.train.loss import chunked_loss
 from finetune_kit.train.plot import plot_loss
 from finetune_kit.train.progress import check_trackers, console_callbacks
@@ -179,7 +179,9 @@ def fit(
         no_cudnn_attention(),
         compiled_layers(
             model,
-            enabled=compiles(model, t.torch_compile, collates=objective.collates, sharded=sharded(t)),
+            enabled=compiles(
+                model, t.torch_compile, collates=objective.collates, sharded=sharded(t), processes=world_size()
+            ),
             fall_back=t.torch_compile == "auto",
         ),
     ):

@@ -130,17 +130,18 @@ def fused_lora(model: Any, *, enabled: bool = True) -> Iterator[int]:
             del layer.forward
 
 
-def compiles(model: Any, setting: bool | Literal["auto"], *, collates: bool, sharded: bool) -> bool:
+def compiles(model: Any, setting: bool | Literal["auto"], *, collates: bool, sharded: bool, processes: int = 1) -> bool:
     """Whether ``torch_compile: setting`` compiles ``model``'s decoder layers for this run.
 
-    ``auto``: on a CUDA GPU, for the stages whose batches finetune_kit collates (sft, pt), with
-    weights that are neither quantized nor sharded by ZeRO-3/FSDP (there the gain is unmeasured).
+    ``auto``: in a single process on a CUDA GPU, for the stages whose batches finetune_kit collates
+    (sft, pt), with weights neither quantized nor sharded by ZeRO-3/FSDP (where it is measured).
     """
     import torch
 
     if setting != "auto":
         return bool(setting)
-    return torch.cuda.is_available() and collates and not sharded and not is_quantized(model)
+    single = processes == 1 and not sharded
+    return torch.cuda.is_available() and collates and single and not is_quantized(model)
 
 
 @contextmanager

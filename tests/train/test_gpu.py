@@ -231,32 +231,38 @@ def test_padding_free_varlen_attention_equals_padded_sdpa_on_gpu():
         start += n
 
 
-def test_lora_trainer_trains_padding_free_by_default_on_gpu(tiny_qwen2_dir: Path, tmp_path: Path):
-    """finetune_kit's default on a GPU: the same first-step loss and gradient norm as padded batches."""
+def train_logs(model_dir: Path, tmp_path: Path, settings: dict, steps: int) -> dict:
+    """A bf16 LoRA run of ``steps`` on the tiny Qwen2 per name in ``settings`` (its training keys): the logged steps."""
     from finetune_kit import DatasetRegistry, LoraTrainer, ModelSource
 
     data = DatasetRegistry.from_dir(write_rows(tmp_path / "d")).load("t")
-    model = ModelSource.local(tiny_qwen2_dir).load(template="qwen")
+    model = ModelSource.local(model_dir).load(template="qwen")
     logs = {}
-    for setting in ("auto", False):
+    for name, extra in settings.items():
         result = (
             LoraTrainer(model)
             .with_lora(lora_rank=8)
             .with_data(cutoff_len=64)
             .with_training(
-                output_dir=str(tmp_path / f"out-{setting}"),
-                max_steps=2,
+                output_dir=str(tmp_path / f"out-{name}"),
+                max_steps=steps,
                 bf16=True,
                 per_device_train_batch_size=8,
                 logging_steps=1,
                 save_strategy="no",
                 disable_tqdm=True,
-                padding_free=setting,
+                **extra,
             )  # fmt: skip
         ).train(data)
-        logs[setting] = [e for e in result.log_history if "loss" in e and "step" in e]
-    assert logs["auto"][0]["loss"] == pytest.approx(logs[False][0]["loss"], rel=1e-2)
-    assert logs["auto"][0]["grad_norm"] == pytest.approx(logs[False][0]["grad_norm"], rel=5e-2)
+        logs[name] = [e for e in result.log_history if "loss" in e and "step" in e]
+    return logs
+
+
+def test_lora_trainer_trains_padding_free_by_default_on_gpu(tiny_qwen2_dir: Path, tmp_path: Path):
+    """finetune_kit's default on a GPU: the same first-step loss and gradient norm as padded batches."""
+    logs = train_logs(tiny_qwen2_dir, tmp_path, {"auto": {}, "padded": {"padding_free": False}}, steps=2)
+    assert logs["auto"][0]["loss"] == pytest.approx(logs["padded"][0]["loss"], rel=1e-2)
+    assert logs["auto"][0]["grad_norm"] == pytest.approx(logs["padded"][0]["grad_norm"], rel=5e-2)
 
 
 def test_fused_lora_and_compiled_layers_keep_the_numbers_on_gpu():
@@ -307,29 +313,9 @@ def test_fused_lora_and_compiled_layers_keep_the_numbers_on_gpu():
 
 def test_lora_trainer_with_compiled_layers_and_selective_checkpointing_on_gpu(tiny_qwen2_dir: Path, tmp_path: Path):
     """torch_compile and gradient_checkpointing_layers through LoraTrainer: the first steps' losses of a plain run."""
-    from finetune_kit import DatasetRegistry, LoraTrainer, ModelSource
-
-    data = DatasetRegistry.from_dir(write_rows(tmp_path / "d")).load("t")
-    model = ModelSource.local(tiny_qwen2_dir).load(template="qwen")
-    logs = {}
-    for name, extra in (
-        ("plain", {"gradient_checkpointing": False}),
-        ("tuned", {"torch_compile": True, "gradient_checkpointing": True, "gradient_checkpointing_layers": 1}),
-    ):
-        result = (
-            LoraTrainer(model)
-            .with_lora(lora_rank=8)
-            .with_data(cutoff_len=64)
-            .with_training(
-                output_dir=str(tmp_path / f"out-{name}"),
-                max_steps=3,
-                bf16=True,
-                per_device_train_batch_size=8,
-                logging_steps=1,
-                save_strategy="no",
-                disable_tqdm=True,
-                **extra,
-            )  # fmt: skip
-        ).train(data)
-        logs[name] = [e["loss"] for e in result.log_history if "loss" in e and "step" in e]
-    assert logs["tuned"] == pytest.approx(logs["plain"], rel=2e-2)
+    settings = {
+        "plain": {"gradient_checkpointing": False, "torch_compile": False},
+        "tuned": {"torch_compile": True, "gradient_checkpointing": True, "gradient_checkpointing_layers": 1},
+    }
+    logs = train_logs(tiny_qwen2_dir, tmp_path, settings, steps=3)
+    assert [e["loss"] for e in logs["tuned"]] == pytest.approx([e["loss"] for e in logs["plain"]], rel=2e-2)

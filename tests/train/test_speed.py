@@ -21,9 +21,10 @@ def lora_model(use_dora: bool = False):
     return model
 
 
-def step(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def step(model, *, autocast: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward pass (under bf16 autocast unless told): the loss and every gradient."""
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(**padded(examples())).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -67,21 +68,14 @@ def fp32_lora(**config):
     return get_peft_model(base, LoraConfig(**settings))
 
 
-def fp32_step(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**padded(examples())).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_fused_lora_equals_peft_in_float32_and_is_undone_on_leaving():
     model = fp32_lora()
-    want_loss, want = fp32_step(model)
+    want_loss, want = step(model, autocast=False)
     layer = model.base_model.model.model.layers[1].self_attn.o_proj
     with fused_lora(model) as count:
         assert count == 14  # 7 adapted projections x 2 layers
         assert "forward" in vars(layer)
-        got_loss, got = fp32_step(model)
+        got_loss, got = step(model, autocast=False)
     assert "forward" not in vars(layer)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     assert want.keys() == got.keys() and len(want) == 28
@@ -91,7 +85,7 @@ def test_fused_lora_equals_peft_in_float32_and_is_undone_on_leaving():
 
 def test_fused_lora_under_bf16_autocast_stays_within_rounding():
     model = lora_model()
-    exact_loss, exact = fp32_step(copy.deepcopy(model).float())  # the float32 sum both roundings approach
+    exact_loss, exact = step(copy.deepcopy(model).float(), autocast=False)  # the float32 sum both roundings approach
     peft_loss, peft = step(model)
     with fused_lora(model), no_input_casts(model, mixed_precision=True):
         got_loss, got = step(model)
@@ -131,11 +125,11 @@ def test_fused_lora_keeps_peft_forward_where_it_cannot_fuse():
 
 def test_compiled_layers_give_the_same_loss_and_gradients_and_are_undone():
     model = fp32_lora()
-    want_loss, want = fp32_step(model)
+    want_loss, want = step(model, autocast=False)
     layer = model.base_model.model.model.layers[0]
     with fused_lora(model), compiled_layers(model, enabled=True) as count:
         assert count == 2 and layer._compiled_call_impl is not None
-        got_loss, got = fp32_step(model)
+        got_loss, got = step(model, autocast=False)
     assert layer._compiled_call_impl is None
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
     for name, g in want.items():
@@ -150,6 +144,7 @@ def test_torch_compile_auto_is_off_without_cuda_and_an_explicit_choice_wins():
     assert compiles(model, "auto", collates=True, sharded=False) is cuda
     assert compiles(model, "auto", collates=False, sharded=False) is False  # dpo, kto, rm: trl's loops
     assert compiles(model, "auto", collates=True, sharded=True) is False
+    assert compiles(model, "auto", collates=True, sharded=False, processes=2) is False  # DDP: not measured
     assert compiles(model, True, collates=False, sharded=True) is True
     assert compiles(model, False, collates=True, sharded=False) is False
     before = torch._dynamo.config.suppress_errors
