@@ -181,13 +181,10 @@ def test_cli_under_torchrun_trains_on_two_gpus_and_only_rank_0_prints(tiny_qwen2
     assert [r["current_steps"] for r in log if "loss" in r] == [2, 4, 6, 8]  # one writer, no duplicated lines
 
 
-def test_padding_free_varlen_attention_equals_padded_sdpa_on_gpu():
-    """One padding-free row through PyTorch's varlen flash kernel (grouped-query heads) gives the padded SDPA
-    batch's loss, gradients and per-example logits, in bf16."""
+def gpu_llama(examples: tuple[tuple[int, int], ...]) -> tuple[torch.nn.Module, list[dict]]:
+    """A random 2-layer, hidden-256 Llama (grouped-query heads) in bf16 on the GPU, and one row per
+    ``(length, prompt length)`` of random tokens, its prompt unlabelled."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from finetune_kit.data.packed import VarlenCollator
-    from finetune_kit.models.varlen import padding_free, varlen_training
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -197,9 +194,19 @@ def test_padding_free_varlen_attention_equals_padded_sdpa_on_gpu():
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     rows = []
-    for length, prompt in ((37, 5), (200, 60), (3, 0), (129, 1), (64, 64 - 9)):
+    for length, prompt in examples:
         ids = torch.randint(1, 512, (length,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return model, rows
+
+
+def test_padding_free_varlen_attention_equals_padded_sdpa_on_gpu():
+    """One padding-free row through PyTorch's varlen flash kernel (grouped-query heads) gives the padded SDPA
+    batch's loss, gradients and per-example logits, in bf16."""
+    from finetune_kit.data.packed import VarlenCollator
+    from finetune_kit.models.varlen import padding_free, varlen_training
+
+    model, rows = gpu_llama(((37, 5), (200, 60), (3, 0), (129, 1), (64, 64 - 9)))
     width = max(len(r["input_ids"]) for r in rows)
     padded = {
         "input_ids": torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows]),
@@ -269,24 +276,13 @@ def test_fused_lora_and_compiled_layers_keep_the_numbers_on_gpu():
     """LoRA added with one addmm, and the decoder layers compiled, over a padding-free row in bf16 autocast:
     the loss and adapter gradients of PEFT's own forward."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune_kit.data.packed import VarlenCollator
     from finetune_kit.models.varlen import varlen_training
     from finetune_kit.train.speed import compiled_layers, fused_lora, no_input_casts
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, attn_implementation="sdpa",
-    )  # fmt: skip
-    base = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    base, rows = gpu_llama(((37, 5), (200, 60), (3, 0), (129, 1)))
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for length, prompt in ((37, 5), (200, 60), (3, 0), (129, 1)):
-        ids = torch.randint(1, 512, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in VarlenCollator()(rows).items()}
 
     def step():
