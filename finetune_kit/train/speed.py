@@ -18,7 +18,7 @@
   ``alpha``: the matrix library adds into the base layer's output in the same kernel. It is the same
   sum with one rounding fewer. On a packed Llama-3-8B-shape step those passes were a tenth of the
   GPU time.
-* :func:`compiled_layers` (``torch_compile``, on by default for sft/pt on CUDA): each decoder layer
+* :func:`compiled_layers` (``torch_compile``, by default on for sft/pt on one CUDA GPU): each decoder layer
   goes through ``torch.compile``, which fuses its elementwise work (norms, rotary embedding,
   residual adds, the activation) into fewer kernels and cuts the launches the host has to issue.
   All layers of one model share one compiled graph; shapes that change between batches are
