@@ -22,14 +22,13 @@ padding width can change the last bits of a logit; a tie broken the other way is
 from __future__ import annotations
 
 import collections
-import inspect
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from finetune_kit.models.adapters import unwrapped
+from finetune_kit.models.batch_cache import cache_keyword, join, layers_of, take_rows
 from finetune_kit.models.decoding import finish, pad_token_id
 from finetune_kit.models.detok import IncrementalText
 from finetune_kit.models.engine import Completion, GenerationRequest, Item, Overloaded, Ticket
@@ -114,7 +113,7 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._prefilling = 0  # admitted, not yet in the running batch
-        self._cache_kw = _cache_keyword(lm.model)
+        self._cache_kw = cache_keyword(lm.model)
         self._peak = 0
 
     # -- public -----------------------------------------------------------------------------------
@@ -330,7 +329,6 @@ class BatchScheduler:
 
     def _join(self, new: list[_Seq], cache: Any, mask: torch.Tensor) -> None:
         """Add freshly prefilled sequences (their ``cache`` and ``mask``) to the running batch."""
-        import torch
         from transformers import DynamicCache
 
         keep = [i for i, s in enumerate(new) if not s.done]
@@ -338,34 +336,22 @@ class BatchScheduler:
             with self._cond:
                 self._prefilling = 0
             return
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        layers = layers_of(cache)
         if len(keep) < len(new):
-            index = torch.tensor(keep, device=mask.device)
-            layers = [(k[index], v[index]) for k, v in layers]
-            mask = mask[index]
-        joined = [new[i] for i in keep]
+            layers, mask = take_rows(layers, mask, keep, trim=False)
         if self._running:
             assert self._mask is not None
-            width = max(mask.shape[-1], self._mask.shape[-1])
-            old = [(layer.keys, layer.values) for layer in self._cache.layers]
-            layers = [
-                (
-                    torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
-                    torch.cat([_left_pad(v0, width), _left_pad(v1, width)]),
-                )
-                for (k0, v0), (k1, v1) in zip(old, layers, strict=True)
-            ]
-            mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
+            layers, mask = join(layers_of(self._cache), self._mask, layers, mask)
         self._cache, self._mask = DynamicCache(layers), mask
         with self._cond:
-            self._running = [*self._running, *joined]
+            self._running = [*self._running, *(new[i] for i in keep)]
             self._prefilling = 0
 
     def _drop(self, gone: list[_Seq]) -> None:
         """Remove finished and cancelled sequences, then trim columns that are padding in every row."""
         if not gone:
             return
-        import torch
+        from transformers import DynamicCache
 
         keep = [i for i, s in enumerate(self._running) if s not in gone]
         with self._cond:
@@ -374,29 +360,5 @@ class BatchScheduler:
             self._cache, self._mask = None, None
             return
         assert self._mask is not None
-        index = torch.tensor(keep, device=self._mask.device)
-        mask = self._mask[index]
-        lead = int((mask.cumsum(-1) == 0).sum(-1).min())
-        mask = mask[:, lead:]
-        layers = [(layer.keys[index, :, lead:], layer.values[index, :, lead:]) for layer in self._cache.layers]
-        from transformers import DynamicCache
-
-        self._cache, self._mask = DynamicCache(layers), mask
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t`` with zeros added before its sequence axis (-2 for cache tensors [b, h, s, d], -1 for masks)."""
-    import torch.nn.functional as F
-
-    axis = -1 if t.dim() == 2 else -2
-    missing = width - t.shape[axis]
-    if missing == 0:
-        return t
-    return F.pad(t, (missing, 0)) if axis == -1 else F.pad(t, (0, 0, missing, 0))
-
-
-def _cache_keyword(model: Any) -> str:
-    """``cache`` in transformers ≥ 5.2x, ``past_key_values`` before (the same argument, renamed)."""
-    base = unwrapped(model)
-    params = inspect.signature(type(base).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+        layers, self._mask = take_rows(layers_of(self._cache), self._mask, keep, trim=True)
+        self._cache = DynamicCache(layers)
