@@ -130,14 +130,6 @@ def plan_trainer(
     return TrainingPlan(memory=memory, inputs=inputs, gpu_bytes=gpu_bytes, gpus=inputs.n_gpus, changes=changes)
 
 
-def resolve_checkpointing(
-    trainer: LoraTrainer, tokens: TokenizedDataset | None = None, *, shape: Any = None, gpus: int | None = None
-) -> bool:
-    """``gradient_checkpointing`` as a bool: ``auto`` is on only when a CUDA GPU is visible and the
-    plan without it does not fit the smallest one."""
-    return resolve_checkpoint_layers(trainer, tokens, shape=shape, gpus=gpus)[0]
-
-
 def resolve_checkpoint_layers(
     trainer: LoraTrainer, tokens: TokenizedDataset | None = None, *, shape: Any = None, gpus: int | None = None
 ) -> tuple[bool, int | None]:

@@ -16,7 +16,6 @@ from typing import Any
 
 from tqdm import tqdm
 from transformers import TrainerCallback
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from finetune_kit._artifacts import TRAINER_LOG
 from finetune_kit.train.metrics import (
@@ -31,6 +30,7 @@ from finetune_kit.train.metrics import (
     summary_line,
 )
 from finetune_kit.train.plot import figure_png, loss_figure
+from finetune_kit.train.speed import decoder_layers
 
 LOG_FILE = TRAINER_LOG
 
@@ -287,7 +287,7 @@ class CheckpointFirstLayers(TrainerCallback):
         self.checkpointed: list[bool] = []
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        decoder = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        decoder = decoder_layers(model)
         for i, layer in enumerate(decoder):
             layer.gradient_checkpointing = layer.gradient_checkpointing and i < self.layers
         self.checkpointed = [layer.gradient_checkpointing for layer in decoder]

@@ -167,23 +167,19 @@ def fit(
         hf.remove_callback(callback)
     hf.nonfinite_loss = t.nonfinite_loss
     hf.finetune_kit_output = out
+    shards = sharded(t)
     # the chunked loss needs the whole head weight in each process: not with ZeRO-3/FSDP sharding
-    chunked = t.chunked_loss and objective.collates and not t.enable_liger_kernel and not sharded(t)
+    chunked = t.chunked_loss and objective.collates and not t.enable_liger_kernel and not shards
+    compiling = compiles(model, t.torch_compile, collates=objective.collates, sharded=shards, processes=world_size())
     with (
         guard_signals(hf),
         quiet_checkpointing(),
         chunked_loss(model, enabled=chunked),
         varlen_training(model, enabled=varlen),
         no_input_casts(model, mixed_precision=t.bf16 or t.fp16),
-        fused_lora(model, enabled=not sharded(t)),  # it reads lora_B's weight outside lora_B's forward
+        fused_lora(model, enabled=not shards),  # it reads lora_B's weight outside lora_B's forward
         no_cudnn_attention(),
-        compiled_layers(
-            model,
-            enabled=compiles(
-                model, t.torch_compile, collates=objective.collates, sharded=sharded(t), processes=world_size()
-            ),
-            fall_back=t.torch_compile == "auto",
-        ),
+        compiled_layers(model, enabled=compiling, fall_back=t.torch_compile == "auto"),
     ):
         # a signal stop raises TrainingInterrupted on leaving
         try:

@@ -148,15 +148,14 @@ def compiles(model: Any, setting: bool | Literal["auto"], *, collates: bool, sha
 def compiled_layers(model: Any, *, enabled: bool, fall_back: bool = False) -> Iterator[int]:
     """While inside, every decoder layer of ``model`` runs compiled by ``torch.compile`` (yields how many).
 
-    The layers are found as transformers' checkpointable decoder layers; leaving undoes it (the
+    The layers are :func:`decoder_layers`; leaving undoes it (the
     saved model and later generation run the plain layers). With ``fall_back`` a graph that fails
     to compile runs eagerly (dynamo's ``suppress_errors``, which logs the failure) instead of
     stopping the run.
     """
     import torch._dynamo
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if enabled else []
+    layers = decoder_layers(model) if enabled else []
     for layer in layers:
         layer.compile()
     suppress = torch._dynamo.config.suppress_errors
@@ -167,3 +166,10 @@ def compiled_layers(model: Any, *, enabled: bool, fall_back: bool = False) -> It
         torch._dynamo.config.suppress_errors = suppress
         for layer in layers:
             layer._compiled_call_impl = None
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """``model``'s decoder layers, in order: the modules transformers can checkpoint one by one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

@@ -10,7 +10,7 @@ import pytest
 from finetune_kit import LoraTrainer, ModelSource
 from finetune_kit.cli.main import main
 from finetune_kit.train import budget
-from finetune_kit.train.budget import TrainingPlan, resolve_checkpointing
+from finetune_kit.train.budget import TrainingPlan, resolve_checkpoint_layers
 from finetune_kit.train.vram import ModelShape, plan_memory
 
 GIB = 2**30
@@ -53,16 +53,17 @@ def test_plan_without_a_gpu_reads_only_the_config(tiny_llama_dir: Path):
 
 
 def test_auto_checkpointing_is_off_without_a_gpu(tiny_llama_dir: Path):
-    assert resolve_checkpointing(_trainer(tiny_llama_dir)) is False
+    assert resolve_checkpoint_layers(_trainer(tiny_llama_dir))[0] is False
     assert "checkpointing:    off (auto: no CUDA GPU)" in _trainer(tiny_llama_dir).explain()
 
 
 def test_auto_checkpointing_turns_on_only_when_needed(h100, tiny_llama_dir: Path):
     big = _trainer(tiny_llama_dir, per_device_train_batch_size=4).with_data(cutoff_len=2048)
     small = _trainer(tiny_llama_dir, per_device_train_batch_size=1).with_data(cutoff_len=512)
-    assert resolve_checkpointing(big) is True  # LLaMA-Factory's 8B YAML: ~80 GiB without, ~29 GiB with
-    assert resolve_checkpointing(small) is False
-    assert resolve_checkpointing(big.with_training(gradient_checkpointing=False)) is False  # an explicit choice wins
+    assert resolve_checkpoint_layers(big)[0] is True  # LLaMA-Factory's 8B YAML: ~80 GiB without, ~29 GiB with
+    assert resolve_checkpoint_layers(small)[0] is False
+    explicit = big.with_training(gradient_checkpointing=False)
+    assert resolve_checkpoint_layers(explicit)[0] is False  # an explicit choice wins
     plan = big.plan()
     assert plan.fits is True and plan.inputs.gradient_checkpointing is True
     assert "(auto: the memory plan needs it)" in big.explain()  # in some of the layers: test_selective_checkpointing
